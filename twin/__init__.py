@@ -1,0 +1,44 @@
+"""twin: patient digital twins for oncology.
+
+The ``twin`` package holds the domain and the simulator: patients and their files,
+pathway graphs, drugs and PK, regimens, the twin model and simulation. Bayesian
+calibration lives in :mod:`calibration`, what-if scenarios in :mod:`scenarios`.
+
+>>> import twin
+>>> cohort = twin.datasets.load_bruchovsky()      # doctest: +SKIP
+>>> patient = cohort["bruchovsky-001"]            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from . import datasets
+from .errors import InputError, PatientFileError, Problem, TwinError
+from .io import load_cohort, load_patient, read_patient, save_patient, validate_patient
+from .patient import Cohort, Covariates, Omics, Patient
+from .regimen import Regimen
+
+try:
+    __version__ = _version("twin-oncology")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "__version__",
+    "Cohort",
+    "Covariates",
+    "InputError",
+    "Omics",
+    "Patient",
+    "PatientFileError",
+    "Problem",
+    "Regimen",
+    "TwinError",
+    "datasets",
+    "load_cohort",
+    "load_patient",
+    "read_patient",
+    "save_patient",
+    "validate_patient",
+]

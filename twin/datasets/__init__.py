@@ -1,0 +1,1 @@
+"""Bundled real patient data (shipped inside the package; nothing is downloaded)."""

@@ -1,0 +1,106 @@
+"""`Regimen`: the one dose-event type, shared by a patient's history, scenarios and calibration.
+
+A regimen is a table of administrations in canonical units: time [day], amount [mg]
+(NaN when not recorded), route, infusion duration [day] (0 = bolus), and for compact
+repeated dosing an ``interval`` [day] and a ``count``. :meth:`Regimen.events` expands
+the repeats into one row per administration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Regimen", "REGIMEN_COLUMNS"]
+
+REGIMEN_COLUMNS = ("arm", "drug", "time", "amount", "route", "duration", "interval", "count")
+_DTYPES = {
+    "arm": "object", "drug": "object", "time": "float64", "amount": "float64", "route": "object",
+    "duration": "float64", "interval": "float64", "count": "int64",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Regimen:
+    """A dose history or plan (immutable; operations return new regimens).
+
+    Parameters
+    ----------
+    table : DataFrame with columns ``REGIMEN_COLUMNS`` in canonical units.
+    """
+
+    table: pd.DataFrame
+
+    def __post_init__(self):
+        t = self.table
+        missing = [c for c in REGIMEN_COLUMNS if c not in t.columns]
+        if missing:
+            raise ValueError(f"Regimen table lacks columns {missing}; expected {list(REGIMEN_COLUMNS)}")
+        t = t.loc[:, list(REGIMEN_COLUMNS)].astype(_DTYPES)
+        t = t.sort_values(["arm", "time", "drug"], kind="stable").reset_index(drop=True)
+        object.__setattr__(self, "table", t)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def empty(cls) -> "Regimen":
+        return cls(pd.DataFrame({c: pd.Series(dtype=d) for c, d in _DTYPES.items()}))
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict]) -> "Regimen":
+        """Build from dicts with keys of ``REGIMEN_COLUMNS`` (missing optional keys get defaults)."""
+        rows = []
+        for r in records:
+            rows.append(
+                {
+                    "arm": r.get("arm", "main"),
+                    "drug": r["drug"],
+                    "time": float(r["time"]),
+                    "amount": np.nan if r.get("amount") is None else float(r["amount"]),
+                    "route": r.get("route", "oral"),
+                    "duration": float(r.get("duration") or 0.0),
+                    "interval": np.nan if r.get("interval") is None else float(r["interval"]),
+                    "count": int(r.get("count") or 1),
+                }
+            )
+        if not rows:
+            return cls.empty()
+        return cls(pd.DataFrame(rows))
+
+    # -- views --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def drugs(self) -> list[str]:
+        return sorted(self.table["drug"].unique())
+
+    @property
+    def arms(self) -> list[str]:
+        return sorted(self.table["arm"].unique())
+
+    def for_arm(self, arm: str) -> "Regimen":
+        return Regimen(self.table[self.table["arm"] == arm])
+
+    def events(self) -> pd.DataFrame:
+        """One row per administration: arm, drug, time [day], amount [mg], route, duration [day]."""
+        t = self.table
+        if t.empty:
+            return t.drop(columns=["interval", "count"]).copy()
+        reps = t["count"].to_numpy()
+        idx = np.repeat(np.arange(len(t)), reps)
+        k = np.concatenate([np.arange(n) for n in reps])
+        out = t.iloc[idx].reset_index(drop=True).drop(columns=["interval", "count"])
+        step = np.nan_to_num(t["interval"].to_numpy()[idx], nan=0.0)
+        out["time"] = out["time"].to_numpy() + k * step
+        return out.sort_values(["arm", "time", "drug"], kind="stable").reset_index(drop=True)
+
+    def total_amount(self, drug: str) -> float:
+        """Cumulative amount [mg] of ``drug`` (NaN if any amount is unrecorded)."""
+        t = self.table[self.table["drug"] == drug]
+        return float((t["amount"] * t["count"]).sum(min_count=1)) if not t["amount"].isna().any() else float("nan")
+
+    def __repr__(self) -> str:
+        return f"Regimen({len(self)} rows, drugs={self.drugs}, arms={self.arms})"
