@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import ProblemList, close_matches
 from .records import TABLES, OMICS_LAYERS, PatientDocument, required_fields
 
-__all__ = ["RawBundle", "read_bundle", "MAX_FILE_BYTES"]
+__all__ = ["RawBundle", "read_bundle", "read_document", "MAX_FILE_BYTES"]
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 _HEADER_KEYS = set(PatientDocument.model_fields) - set(TABLES) - {"omics"}
@@ -204,6 +204,23 @@ def _tables_from_document(doc: dict, label: str, problems: ProblemList) -> dict[
     return tables
 
 
+def read_document(doc: dict, label: str = "document") -> RawBundle:
+    """Raw located records from an in-memory patient document (as in a single JSON file).
+
+    Importers build such documents and pass them through the same checks as files.
+    """
+    import copy
+
+    problems = ProblemList()
+    doc = copy.deepcopy(doc)
+    tables = _tables_from_document(doc, label, problems)
+    for key in list(doc):
+        if key not in _HEADER_KEYS:
+            problems.error(label, f"unknown top-level key '{key}'." + close_matches(key, sorted(_HEADER_KEYS | set(TABLES) | {"omics"})), field=key, fix="rename or remove the key")
+            doc.pop(key)
+    return RawBundle(Path(label), "document", label, doc, tables, {}, problems)
+
+
 def read_bundle(path: str | Path) -> RawBundle:
     """Read a patient bundle into raw located records; syntax problems go to ``problems``."""
     path = Path(path)
@@ -285,9 +302,6 @@ def read_bundle(path: str | Path) -> RawBundle:
     if not isinstance(doc, dict):
         problems.error(label, "the top level must be an object (mapping)", expected="{id: ..., covariates: ..., measurements: [...]}", received=type(doc).__name__)
         return RawBundle(path, suffix.lstrip("."), label, None, {}, hashes, problems)
-    tables = _tables_from_document(doc, label, problems)
-    for key in list(doc):
-        if key not in _HEADER_KEYS:
-            problems.error(label, f"unknown top-level key '{key}'." + close_matches(key, sorted(_HEADER_KEYS | set(TABLES) | {"omics"})), field=key, fix="rename or remove the key")
-            doc.pop(key)
-    return RawBundle(path, suffix.lstrip("."), label, doc, tables, hashes, problems)
+    raw = read_document(doc, label)
+    problems.extend(raw.problems)
+    return RawBundle(path, suffix.lstrip("."), label, raw.header, raw.tables, hashes, problems)

@@ -23,10 +23,10 @@ from ..observables import OBSERVABLES, Observable, canonical_observable
 from ..patient import Cohort, Covariates, Omics, Patient
 from ..regimen import Regimen
 from ..units import UnitError, conversion_factor, parse_quantity
-from .bundle import RawBundle, RawTable, read_bundle
+from .bundle import RawBundle, RawTable, read_bundle, read_document
 from .records import TABLES, PatientHeader
 
-__all__ = ["read_patient", "load_patient", "validate_patient", "load_cohort"]
+__all__ = ["read_patient", "load_patient", "validate_patient", "load_cohort", "patient_from_document"]
 
 MAX_SAME_KIND = 10  # more problems of one kind in one file are summarised in one line
 
@@ -337,7 +337,19 @@ def _omics(recs_by_table: dict[str, list], capped: _Capped) -> Omics:
 
 def read_patient(path: str | Path) -> tuple[Patient | None, ProblemList]:
     """Read and check a patient file; return the patient (``None`` on errors) and every problem."""
-    raw: RawBundle = read_bundle(path)
+    return _build(read_bundle(path), path)
+
+
+def patient_from_document(doc: dict, label: str = "document") -> tuple[Patient | None, ProblemList]:
+    """Check an in-memory patient document (the single-file JSON layout) and build the patient.
+
+    Importers (NONMEM, cBioPortal) and dataset converters use this so that every patient,
+    wherever it comes from, passes the same checks.
+    """
+    return _build(read_document(doc, label), label)
+
+
+def _build(raw: RawBundle, path) -> tuple[Patient | None, ProblemList]:
     problems = raw.problems
     capped = _Capped(problems)
     if raw.header is None:
