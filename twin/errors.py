@@ -40,7 +40,10 @@ class Problem:
     severity : "error" (the file cannot be used), "warning" (usable, but check it) or
         "note" (the loader normalised something, e.g. converted a unit; nothing is silent).
     file : file name relative to the bundle (or the bundle itself).
-    row : 1-based data row (header excluded) for tables, ``None`` otherwise.
+    row : where in the file: for a CSV table the line number, as a spreadsheet shows it
+        (the header is row 1, the first data row is row 2); for a table inside a JSON/YAML
+        file the 1-based position of the record in its list; for a syntax error the line;
+        ``None`` for whole-file or header problems.
     field : column or key name, ``None`` for whole-file problems.
     message : what is wrong, in one sentence.
     expected, received : what the loader wanted and what it found.

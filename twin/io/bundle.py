@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ def _decode(data: bytes, label: str, problems: ProblemList) -> str | None:
         problems.error(
             label,
             f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})",
+            row=line,
             expected="UTF-8 encoded text",
             received="another encoding (often Latin-1/Windows-1252 from a spreadsheet export)",
             fix="re-save the file as 'CSV UTF-8' (Excel) or convert it: iconv -f latin1 -t utf-8",
@@ -64,7 +66,13 @@ def _read_bytes(path: Path, root: Path, label: str, problems: ProblemList, hashe
     try:
         resolved = path.resolve(strict=True)
     except OSError as exc:
-        problems.error(label, f"cannot read the file ({exc.strerror})", fix="check that the file exists and is readable")
+        problems.error(
+            label,
+            f"cannot read the file ({exc.strerror or exc})" + (" (a symbolic link to a file that does not exist?)" if path.is_symlink() else ""),
+            expected="a readable file",
+            received=exc.strerror or type(exc).__name__,
+            fix="check that the file exists and that you may read it",
+        )
         return None
     if root.is_dir() and not resolved.is_relative_to(root.resolve()):
         problems.error(
@@ -77,7 +85,7 @@ def _read_bytes(path: Path, root: Path, label: str, problems: ProblemList, hashe
         return None
     size = resolved.stat().st_size
     if size > MAX_FILE_BYTES:
-        problems.error(label, f"the file is too large ({size} bytes)", expected=f"at most {MAX_FILE_BYTES} bytes", fix="split the cohort into smaller files")
+        problems.error(label, "the file is too large to be a patient file", expected=f"at most {MAX_FILE_BYTES} bytes", received=f"{size} bytes", fix="split the cohort into one file per patient")
         return None
     data = resolved.read_bytes()
     hashes[label] = hashlib.sha256(data).hexdigest()
@@ -99,25 +107,34 @@ def _read_csv(text: str, label: str, model, problems: ProblemList) -> RawTable:
     try:
         header = next(reader)
     except csv.Error as exc:  # pragma: no cover - csv rarely fails on the header
-        problems.error(label, f"the header line is not valid CSV ({exc})", fix="check quotes and separators")
+        problems.error(label, f"the header line is not valid CSV ({exc})", row=1, expected="column names separated by commas", received=_line(text, 1), fix="check quotes and separators")
         return table
     header = [h.strip() for h in header]
     known = list(model.model_fields)
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         sep = ";" if ";" in header[0] else "tab"
+        decimal_comma = sep == ";" and re.search(r"\d,\d", text) is not None
         problems.error(
             label,
             f"the columns are separated by '{sep}', not commas",
             row=1,
-            expected="comma-separated values",
+            expected="comma-separated values (CSV) with a decimal point",
             received=header[0][:80],
-            fix="re-export the table as comma-separated CSV",
+            fix="re-export the table as comma-separated CSV ('CSV UTF-8' in Excel)"
+            + ("; the numbers use decimal commas: write them with a decimal point (12.5, not 12,5)" if decimal_comma else ""),
         )
         return table
     bad_header = False
-    for h in header:
+    for pos, h in enumerate(header, start=1):
         if h == "":
-            problems.error(label, "a column has no name", row=1, expected="a name for every column", fix="name the column or delete it")
+            problems.error(
+                label,
+                f"column {pos} has no name" + (" (a trailing comma at the end of the header line?)" if pos == len(header) else ""),
+                row=1,
+                expected="a name for every column",
+                received=",".join(header)[:120],
+                fix="name the column or delete it",
+            )
             bad_header = True
         elif h not in known:
             problems.error(
@@ -134,7 +151,7 @@ def _read_csv(text: str, label: str, model, problems: ProblemList) -> RawTable:
             bad_header = True
     dups = sorted({h for h in header if h and header.count(h) > 1})
     for h in dups:
-        problems.error(label, f"column '{h}' appears more than once", row=1, field=h, fix="keep one column of each name")
+        problems.error(label, f"column '{h}' appears more than once", row=1, field=h, expected="each column once", received=",".join(header)[:120], fix="keep one column of each name (delete or rename the other)")
         bad_header = True
     missing = [f for f in required_fields(model) if f not in header]
     for f in missing:
@@ -145,28 +162,37 @@ def _read_csv(text: str, label: str, model, problems: ProblemList) -> RawTable:
             field=f,
             expected="columns " + ", ".join(required_fields(model)) + " (required)",
             received=", ".join(header),
-            fix=f"add a '{f}' column",
+            fix=f"add a column named '{f}'",
         )
         bad_header = True
     if bad_header:
         return table
-    try:
-        for i, cells in enumerate(reader, start=2):
-            if not cells or all(not c.strip() for c in cells):
-                continue
-            if len(cells) != len(header):
-                problems.error(
-                    label,
-                    f"the row has {len(cells)} cells but the header has {len(header)} columns",
-                    row=i,
-                    expected=f"{len(header)} comma-separated cells",
-                    received=",".join(cells)[:120],
-                    fix="quote cells that contain commas, and check for missing or extra separators",
-                )
-                continue
-            table.rows.append((i, dict(zip(header, cells))))
-    except csv.Error as exc:
-        problems.error(label, f"invalid CSV ({exc})", row=reader.line_num, fix="check unbalanced quotes")
+    # ``row`` is the line number in the file (the header is row 1), as a spreadsheet shows it.
+    while True:
+        i = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.error(label, f"the line is not valid CSV ({exc})", row=i, expected="cells separated by commas; quotes in pairs", received=_line(text, i), fix="check for an unbalanced quote (\") on this line")
+            break
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            fix = "quote cells that contain commas, and check for missing or extra separators"
+            if len(cells) > len(header) and any(a.strip().lstrip("-").isdigit() and b.strip().isdigit() for a, b in zip(cells, cells[1:])):
+                fix = "a number written with a decimal comma (8,1) splits into two cells: write it with a decimal point (8.1); " + fix
+            problems.error(
+                label,
+                f"the row has {len(cells)} cells but the header has {len(header)} columns",
+                row=i,
+                expected=f"{len(header)} comma-separated cells ({','.join(header)})",
+                received=",".join(cells)[:120],
+                fix=fix,
+            )
+            continue
+        table.rows.append((i, dict(zip(header, cells))))
     return table
 
 
@@ -174,11 +200,11 @@ def _tables_from_document(doc: dict, label: str, problems: ProblemList) -> dict[
     tables: dict[str, RawTable] = {}
     omics = doc.pop("omics", None) or {}
     if not isinstance(omics, dict):
-        problems.error(label, "'omics' must be a mapping of layers", field="omics", expected="{mutations: [...], copy_number: [...], ...}", received=type(omics).__name__)
+        problems.error(label, "'omics' must be a mapping of layers", field="omics", expected="{mutations: [...], copy_number: [...], ...}", received=type(omics).__name__, fix="write omics as an object whose keys are the layers: " + ", ".join(OMICS_LAYERS))
         omics = {}
     for key in list(omics):
         if key not in OMICS_LAYERS:
-            problems.error(label, f"unknown omics layer '{key}'." + close_matches(key, OMICS_LAYERS), field=f"omics.{key}", expected=", ".join(OMICS_LAYERS), fix="rename or remove the layer")
+            problems.error(label, f"unknown omics layer '{key}'." + close_matches(str(key), OMICS_LAYERS), field=f"omics.{key}", expected="layers among " + ", ".join(OMICS_LAYERS), received=repr(key), fix="rename the layer to one of the expected names, or remove it")
             omics.pop(key)
     sources = {**{k: doc.pop(k, None) for k in ("measurements", "dosing", "phases")}, **omics}
     for name, rows in sources.items():
@@ -192,16 +218,99 @@ def _tables_from_document(doc: dict, label: str, problems: ProblemList) -> dict[
         model = TABLES[name][0]
         for i, rec in enumerate(rows, start=1):
             if not isinstance(rec, dict):
-                problems.error(sub, "a record must be an object of field: value", row=i, received=repr(rec)[:80])
+                problems.error(
+                    sub,
+                    "a record must be an object of field: value pairs",
+                    row=i,
+                    expected='{"time": 0, "observable": "psa", "value": 12.5, "unit": "ng/mL"}' if name == "measurements" else "an object of field: value pairs",
+                    received=repr(rec)[:80],
+                    fix="write each row of the table as one object",
+                )
                 continue
             unknown = [k for k in rec if k not in model.model_fields]
             for k in unknown:
-                problems.error(sub, f"unknown field '{k}'." + close_matches(k, list(model.model_fields)), row=i, field=k, expected=", ".join(model.model_fields), fix="rename or remove the field")
+                problems.error(
+                    sub,
+                    f"unknown field '{k}'." + close_matches(str(k), list(model.model_fields)),
+                    row=i,
+                    field=str(k),
+                    expected="fields among " + ", ".join(model.model_fields),
+                    received=f"{k!r}: {rec[k]!r}"[:120],
+                    fix="rename the field to one of the expected names, or remove it",
+                )
             if unknown:
                 continue
             t.rows.append((i, rec))
         tables[name] = t
     return tables
+
+
+def _line(text: str, lineno: int | None) -> str | None:
+    lines = text.splitlines()
+    if lineno is None or not 1 <= lineno <= len(lines):
+        return None
+    s = lines[lineno - 1].strip()
+    return s if len(s) <= 100 else s[:97] + "..."
+
+
+def _toml_problem(exc: Exception, text: str) -> dict:
+    msg = str(exc)
+    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+    line = int(m.group(1)) if m else getattr(exc, "lineno", None)
+    what = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg) if m else msg
+    fix = "check this line: text values need double quotes on both sides (id = \"P001\"); numbers and true/false have none; dates are written 2019-01-15"
+    if "newline" in what.lower() or "\\n" in what:
+        fix = "a quote is probably not closed on this line: " + fix
+    if "duplicate" in what.lower() or "cannot overwrite" in what.lower() or "cannot declare" in what.lower():
+        fix = "each key (and each [section]) may appear only once: remove or merge the repeated one"
+    return dict(
+        message=f"not valid TOML: {what}" + (f" (line {line})" if line else ""),
+        row=line,
+        expected='TOML lines of key = value, e.g. id = "P001", and [sections] such as [covariates]',
+        received=_line(text, line),
+        fix=fix,
+    )
+
+
+def _no_duplicates(pairs: list, duplicates: list) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            duplicates.append(k)
+        out[k] = v
+    return out
+
+
+def _yaml_loader():
+    """A ``yaml.SafeLoader`` that keeps dates as text and rejects repeated keys.
+
+    Dates stay text so the patient checks can report an impossible date (2019-02-30)
+    with its row instead of failing inside the YAML reader.
+    """
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark, f"the key '{key}' appears twice", key_node.start_mark
+                        )
+                    seen.add(key)
+                except TypeError:  # unhashable key: the base class reports it
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    _Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    return _Loader
 
 
 def read_document(doc: dict, label: str = "document") -> RawBundle:
@@ -214,9 +323,17 @@ def read_document(doc: dict, label: str = "document") -> RawBundle:
     problems = ProblemList()
     doc = copy.deepcopy(doc)
     tables = _tables_from_document(doc, label, problems)
+    allowed = sorted(_HEADER_KEYS | {"measurements", "dosing", "phases", "omics"})
     for key in list(doc):
         if key not in _HEADER_KEYS:
-            problems.error(label, f"unknown top-level key '{key}'." + close_matches(key, sorted(_HEADER_KEYS | set(TABLES) | {"omics"})), field=key, fix="rename or remove the key")
+            problems.error(
+                label,
+                f"unknown top-level key '{key}'." + close_matches(str(key), allowed),
+                field=str(key),
+                expected="top-level keys among " + ", ".join(allowed),
+                received=repr(key),
+                fix="rename the key to one of the expected names, or remove it",
+            )
             doc.pop(key)
     return RawBundle(Path(label), "document", label, doc, tables, {}, problems)
 
@@ -227,7 +344,7 @@ def read_bundle(path: str | Path) -> RawBundle:
     problems = ProblemList()
     hashes: dict[str, str] = {}
     if not path.exists():
-        problems.error(str(path), "no such file or folder", expected="a patient folder (with patient.toml) or a .json/.yaml file", fix="check the path")
+        problems.error(str(path), "no such file or folder", expected="a patient folder (with patient.toml) or a .json/.yaml file", received="a path that does not exist", fix="check the path (spelling, and the folder you run twin from)")
         return RawBundle(path, "missing", str(path), None, {}, hashes, problems)
     if path.is_dir():
         label = "patient.toml"
@@ -248,7 +365,7 @@ def read_bundle(path: str | Path) -> RawBundle:
                 try:
                     header = tomllib.loads(text)
                 except tomllib.TOMLDecodeError as exc:
-                    problems.error(label, f"not valid TOML: {exc}", expected="TOML key = value lines", fix="check quotes around text values and the line it names")
+                    problems.error(label, **_toml_problem(exc, text))
         tables: dict[str, RawTable] = {}
         expected_files = {fname: name for name, (_, fname) in TABLES.items()}
         for name, (model, fname) in TABLES.items():
@@ -281,26 +398,54 @@ def read_bundle(path: str | Path) -> RawBundle:
     if text is None:
         return RawBundle(path, suffix.lstrip("."), label, None, {}, hashes, problems)
     if not text.strip():
-        problems.error(label, "the file is empty", expected="a patient document with at least an 'id'", fix="write the patient (see docs/patient-format.md)")
+        problems.error(label, "the file is empty", expected="a patient document with at least an 'id'", received="no content", fix="write the patient (see docs/patient-format.md), or remove the file")
         return RawBundle(path, suffix.lstrip("."), label, None, {}, hashes, problems)
     doc: Any = None
     if suffix == ".json":
+        duplicates: list[str] = []
         try:
-            doc = json.loads(text)
+            doc = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, duplicates))
         except json.JSONDecodeError as exc:
-            problems.error(label, f"not valid JSON: {exc.msg}", row=exc.lineno, expected="a JSON object", fix=f"fix the syntax at line {exc.lineno}, column {exc.colno}")
+            problems.error(
+                label,
+                f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                row=exc.lineno,
+                expected="a JSON object: {\"id\": \"P001\", ...}",
+                received=_line(text, exc.lineno),
+                fix=f"fix the syntax at line {exc.lineno}, column {exc.colno} (or just before it): JSON needs double quotes and no trailing commas",
+            )
+        for key in duplicates:
+            problems.error(label, f"key '{key}' appears twice in the same object", field=key, expected="each key once per object", received=f"'{key}' twice", fix="keep one of the two values (JSON readers silently keep the last one)")
     else:
         import yaml
 
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader (see _yaml_loader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            problems.error(label, f"not valid YAML: {getattr(exc, 'problem', exc)}", row=(mark.line + 1) if mark else None, expected="a YAML mapping", fix="check indentation and quotes at the line named")
+            line = (mark.line + 1) if mark else None
+            problems.error(
+                label,
+                f"not valid YAML: {getattr(exc, 'problem', None) or exc}" + (f" (line {line}, column {mark.column + 1})" if mark else ""),
+                row=line,
+                expected="a YAML mapping: id: P001, then one key per line",
+                received=_line(text, line) if line else None,
+                fix="keep one of the two values"
+                if "appears twice" in str(getattr(exc, "problem", ""))
+                else "check indentation (spaces, not tabs; keys of one level aligned) and quotes at the line named",
+            )
+        except (ValueError, TypeError, OverflowError) as exc:  # pragma: no cover - defensive
+            problems.error(label, f"not valid YAML: {exc}", expected="a YAML mapping", received=type(exc).__name__, fix="check the values of the file")
     if doc is None:
         return RawBundle(path, suffix.lstrip("."), label, None, {}, hashes, problems)
     if not isinstance(doc, dict):
-        problems.error(label, "the top level must be an object (mapping)", expected="{id: ..., covariates: ..., measurements: [...]}", received=type(doc).__name__)
+        problems.error(
+            label,
+            "the top level must be an object (mapping), not a " + {"list": "list", "str": "text", "int": "number", "float": "number", "bool": "true/false"}.get(type(doc).__name__, type(doc).__name__),
+            expected="{id: ..., covariates: ..., measurements: [...]}",
+            received=type(doc).__name__,
+            fix="write one patient per file as an object; for several patients use one file each (a cohort folder)",
+        )
         return RawBundle(path, suffix.lstrip("."), label, None, {}, hashes, problems)
     raw = read_document(doc, label)
     problems.extend(raw.problems)

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..errors import close_matches
+
 __all__ = [
     "FORMAT_VERSION",
     "ROUTES",
@@ -43,8 +45,22 @@ _ROUTE_ALIASES = {
 }
 
 
-def _err(kind: str, message: str, expected: str, fix: str) -> PydanticCustomError:
-    return PydanticCustomError(kind, message, {"expected": expected, "fix": fix})
+def _err(kind: str, message: str, expected: str, fix: str, field: str | None = None) -> PydanticCustomError:
+    """A validation error that carries what was expected and how to fix it.
+
+    ``field`` locates errors raised by a whole-record check (which pydantic reports
+    without a field) on the column that is wrong.
+    """
+    ctx = {"expected": expected, "fix": fix}
+    if field is not None:
+        ctx["field"] = field
+    # pydantic formats {name} placeholders of the message from ctx: escape user text.
+    return PydanticCustomError(kind, message.replace("{", "(").replace("}", ")"), ctx)
+
+
+def _short(v: Any, n: int = 40) -> str:
+    s = str(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def _blank_to_none(v: Any) -> Any:
@@ -61,12 +77,14 @@ def _number(v: Any) -> Any:
     v = _blank_to_none(v)
     if v is None or isinstance(v, bool):
         if isinstance(v, bool):
-            raise _err("not_a_number", "not a number", "a number such as 12.5", "write a plain number (decimal point '.', no units or text)")
+            raise _err("not_a_number", f"{v} is not a number", "a number such as 12.5", "write a plain number (decimal point '.', no units or text)")
         return v
     if isinstance(v, (int, float)):
         if not math.isfinite(float(v)):
-            raise _err("not_finite", "not a finite number", "a finite number", "replace inf/nan by a number, or leave the cell empty if not measured")
+            raise _err("not_finite", f"{v} is not a finite number", "a finite number", "replace inf/nan by the measured number, or leave the cell empty if nothing was measured")
         return float(v)
+    if isinstance(v, (list, dict)):
+        raise _err("not_a_number", "a list or table is not a number", "a single number such as 12.5", "write one plain number")
     s = str(v).strip()
     try:
         x = float(s)
@@ -74,9 +92,11 @@ def _number(v: Any) -> Any:
         hint = "write a plain number (decimal point '.', no units or text)"
         if re.fullmatch(r"[-+]?\d+,\d+", s):
             hint = f"use a decimal point, not a comma: {s.replace(',', '.')}"
-        raise _err("not_a_number", "not a number", "a number such as 12.5", hint) from None
+        elif re.fullmatch(r"[-+]?\d+(\.\d+)?\s*[A-Za-zµμ/%].*", s):
+            hint = "write the number alone and put the unit in the unit column"
+        raise _err("not_a_number", f"'{_short(s)}' is not a number", "a number such as 12.5", hint) from None
     if not math.isfinite(x):
-        raise _err("not_finite", "not a finite number", "a finite number", "replace inf/nan by a number, or leave the cell empty if not measured")
+        raise _err("not_finite", f"'{s}' is not a finite number", "a finite number", "replace inf/nan by the measured number, or leave the cell empty if nothing was measured")
     return x
 
 
@@ -94,14 +114,27 @@ def _time(v: Any) -> Any:
         return float(s) if math.isfinite(float(s)) else _number(s)
     except ValueError:
         pass
-    if re.fullmatch(r"\d{4}-\d{1,2}-\d{1,2}([T ]\d{1,2}:\d{2}(:\d{2})?)?", s):
+    m = re.fullmatch(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2}):(\d{2})(?::(\d{2}))?)?", s)
+    if m:
+        parts = [int(x) if x is not None else 0 for x in m.groups()]
         try:
-            return _dt.datetime.fromisoformat(s.replace(" ", "T")) if ("T" in s or " " in s) else _dt.date.fromisoformat(
-                "-".join(p.zfill(2) for p in s.split("-"))
-            )
+            if m.group(4) is None:
+                return _dt.date(*parts[:3])
+            return _dt.datetime(*parts)
         except ValueError as exc:
-            raise _err("impossible_date", f"'{s}' is not a real date ({exc})", "a calendar date YYYY-MM-DD", "check month (1-12) and day of month") from None
-    raise _err("bad_time", "not a time", "days as a number (e.g. 14) or a date YYYY-MM-DD (e.g. 2019-03-01)", "write days since the time origin, or an ISO date")
+            why = str(exc).replace("must be in 1..12", "must be 1-12")
+            raise _err(
+                "impossible_date",
+                f"'{s}' is not a real calendar date ({why})",
+                "a real date YYYY-MM-DD (month 1-12, day within the month)",
+                "check the month and the day of month; year-month-day order is required",
+            ) from None
+    fix = "write days since the time origin (e.g. 14), or the date as YYYY-MM-DD (e.g. 2019-03-01)"
+    d = re.fullmatch(r"(\d{1,2})[./](\d{1,2})[./](\d{4})", s)
+    if d:
+        a, b, y = d.groups()
+        fix = f"write the date as YYYY-MM-DD: {y}-{b.zfill(2)}-{a.zfill(2)} if {a} is the day, {y}-{a.zfill(2)}-{b.zfill(2)} if {a} is the month"
+    raise _err("bad_time", f"'{_short(s)}' is neither a day number nor a date", "days as a number (e.g. 14) or a date YYYY-MM-DD (e.g. 2019-03-01)", fix)
 
 
 def _bool(v: Any) -> Any:
@@ -115,12 +148,21 @@ def _bool(v: Any) -> Any:
         return True
     if s in ("0", "false", "no", "n", "f"):
         return False
-    raise _err("not_a_flag", "not a true/false flag", "true or false (also 1/0, yes/no)", "write true or false")
+    raise _err("not_a_flag", f"'{_short(v)}' is not true/false", "true or false (also 1/0, yes/no)", "write true or false")
 
 
 def _text(v: Any) -> Any:
     v = _blank_to_none(v)
     return None if v is None else str(v).strip()
+
+
+def _required_text(v: Any) -> Any:
+    v = _blank_to_none(v)
+    if v is None:
+        raise _err("required_empty", "required value is empty", "a value", "fill in the cell")
+    if isinstance(v, (list, dict)):
+        raise _err("not_text", "a list or table is not a name", "a single name or unit", "write one value")
+    return str(v).strip()
 
 
 def _route(v: Any) -> Any:
@@ -130,7 +172,11 @@ def _route(v: Any) -> Any:
     s = str(v).strip().lower()
     s = _ROUTE_ALIASES.get(s, s)
     if s not in ROUTES:
-        raise _err("bad_route", "unknown route of administration", "one of " + ", ".join(ROUTES), "use oral, iv (bolus or with a duration: infusion), sc, im or ip")
+        if "infus" in s or "drip" in s:
+            fix = "an infusion is route iv, with the infusion time in the duration column (e.g. 1 h)"
+        else:
+            fix = "use oral, iv (bolus, or infusion with a duration), sc, im or ip" + close_matches(s, list(ROUTES) + list(_ROUTE_ALIASES))
+        raise _err("bad_route", f"unknown route of administration '{_short(v)}'", "one of " + ", ".join(ROUTES) + " (also po, intravenous, subcutaneous ...)", fix)
     return s
 
 
@@ -138,7 +184,7 @@ Number = Annotated[Union[float, None], BeforeValidator(_number)]
 Time = Annotated[Union[float, _dt.datetime, _dt.date], BeforeValidator(_time), Field(description="days since the time origin (number) or an ISO date YYYY-MM-DD")]
 Flag = Annotated[bool, BeforeValidator(_bool)]
 Text = Annotated[Union[str, None], BeforeValidator(_text)]
-Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
+Name = Annotated[str, BeforeValidator(_required_text), Field(min_length=1)]
 Route = Annotated[Literal["oral", "iv", "sc", "im", "ip"], BeforeValidator(_route)]
 
 
@@ -176,13 +222,19 @@ class MeasurementRecord(_Record):
     def _check(self):
         if self.below_lloq:
             if self.lloq is None:
-                raise _err("censored_without_lloq", "below_lloq is true but no lloq is given", "an lloq for a censored value", "fill in the lloq column (the quantification limit)")
+                raise _err(
+                    "censored_without_lloq",
+                    "the value is flagged below the limit of quantification (below_lloq = true) but no lloq is given",
+                    "the assay's lower limit of quantification in the lloq column",
+                    "fill in lloq (e.g. 0.1), or write the value as '<0.1'",
+                    field="lloq",
+                )
             if self.lloq <= 0:
-                raise _err("bad_lloq", "lloq must be > 0", "lloq > 0", "write the assay's positive quantification limit")
+                raise _err("bad_lloq", "the limit of quantification (lloq) must be above 0", "lloq > 0", "write the assay's positive quantification limit", field="lloq")
         elif self.value is None:
-            raise _err("missing_value", "value is missing", "a number, or '<LLOQ' / below_lloq=true for a censored value", "fill in the value, or delete the row if nothing was measured")
+            raise _err("missing_value", "the value is missing", "a number, or '<LLOQ' (e.g. '<0.1') for a value below the limit of quantification", "fill in the value, or delete the row if nothing was measured", field="value")
         if self.value is not None and self.value < 0:
-            raise _err("negative_value", "a measured value cannot be negative", "a value >= 0", "check the sign; a value under the detection limit is written '<LLOQ'")
+            raise _err("negative_value", "a measured value cannot be negative", "a value >= 0", "check the sign; a value under the limit of quantification is written '<LLOQ', e.g. '<0.1'", field="value")
         return self
 
 
@@ -205,11 +257,19 @@ class DoseRecord(_Record):
     @model_validator(mode="after")
     def _check(self):
         if self.amount is not None and self.amount < 0:
-            raise _err("negative_amount", "a dose amount cannot be negative", "amount >= 0", "check the sign of the amount")
+            raise _err("negative_amount", "a dose amount cannot be negative", "amount >= 0", "check the sign of the amount", field="amount")
         if self.amount is not None and not self.unit:
-            raise _err("missing_unit", "amount given without a unit", "a unit such as mg, mg/kg or mg/m2", "fill in the unit column")
+            raise _err("missing_unit", "the amount has no unit", "a unit such as mg, mg/kg or mg/m2", "fill in the unit column", field="unit")
+        if self.count > 100_000:
+            raise _err("count_too_large", f"count = {self.count} administrations is implausibly large", "at most 100000 administrations per row", "check the count (the number of administrations of this row)", field="count")
         if self.count > 1 and (self.interval is None or self.interval <= 0):
-            raise _err("missing_interval", "count > 1 needs a positive interval", "interval in days > 0 (e.g. 1 for daily)", "fill in the interval column, or set count to 1")
+            raise _err(
+                "missing_interval",
+                f"count = {self.count} repeated administrations need the interval between them",
+                "interval in days > 0 (e.g. 1 for daily, 21 for every 3 weeks)",
+                "fill in the interval column, or set count to 1",
+                field="interval",
+            )
         return self
 
 
@@ -232,7 +292,7 @@ class CopyNumberRecord(_Record):
     @model_validator(mode="after")
     def _one_of(self):
         if self.log2_ratio is None and self.copies is None and self.gistic is None:
-            raise _err("no_copy_number", "no copy-number value", "at least one of log2_ratio, copies, gistic", "fill in one of the three columns")
+            raise _err("no_copy_number", "the row has no copy-number value", "at least one of log2_ratio, copies, gistic", "fill in one of the three columns, or delete the row")
         return self
 
 
@@ -246,7 +306,7 @@ class ExpressionRecord(_Record):
     @classmethod
     def _present(cls, v):
         if v is None:
-            raise _err("missing_value", "value is missing", "a number", "fill in the value or delete the row")
+            raise _err("missing_value", "the value is missing", "a number", "fill in the value or delete the row")
         return v
 
 
@@ -260,14 +320,14 @@ class ProteinRecord(_Record):
     @classmethod
     def _present(cls, v):
         if v is None:
-            raise _err("missing_value", "value is missing", "a number", "fill in the value or delete the row")
+            raise _err("missing_value", "the value is missing", "a number", "fill in the value or delete the row")
         return v
 
 
 class PhaseRecord(_Record):
     """A treatment phase, e.g. an on- or off-treatment period of intermittent therapy."""
 
-    arm: str = "main"
+    arm: Annotated[str, BeforeValidator(lambda v: _text(v) or "main")] = "main"
     cycle: int = Field(ge=1)
     phase: Literal["on", "off"]
     start: Time
@@ -310,6 +370,45 @@ class PatientHeader(BaseModel):
     drugs: dict[str, DrugDeclaration] = Field({}, description="drugs not in twin's catalogue")
     observables: dict[str, ObservableDeclaration] = Field({}, description="observables not in twin's list")
     source: dict[str, str] = Field({}, description="provenance: dataset, citation, licence")
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported(cls, v):
+        if v != FORMAT_VERSION:
+            raise _err(
+                "unsupported_format",
+                f"format_version {v} is not supported by this version of twin",
+                f"format_version = {FORMAT_VERSION}",
+                "upgrade twin, or write the file in format version 1" if v > FORMAT_VERSION else f"set format_version = {FORMAT_VERSION}",
+            )
+        return v
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _readable_id(cls, v):
+        expected = "a pseudonymous id of letters, digits, '_', '.' or '-', starting with a letter or digit, at most 64 characters (e.g. P001)"
+        if isinstance(v, bool) or v is None:
+            raise _err("bad_id", "the patient id is missing", expected, 'write e.g. id = "P001"')
+        if isinstance(v, (int, float)):
+            raise _err("bad_id", f"the patient id {v} is a number, not text", expected, f'write the id as text, in quotes: "{v}"')
+        if not isinstance(v, str):
+            raise _err("bad_id", "the patient id must be text", expected, 'write e.g. id = "P001"')
+        s = v
+        if not s.strip():
+            raise _err("bad_id", "the patient id is empty", expected, 'write e.g. id = "P001"')
+        bad = sorted({c for c in s if not re.fullmatch(r"[A-Za-z0-9_.\-]", c)})
+        if bad or not re.match(r"[A-Za-z0-9]", s):
+            suggestion = re.sub(r"[^A-Za-z0-9_.\-]+", "_", s.strip()).strip("_.-") or "P001"
+            what = ", ".join("a space" if c == " " else repr(c) for c in bad) if bad else f"the first character {s[0]!r}"
+            raise _err(
+                "bad_id",
+                f"the patient id '{_short(s)}' contains characters that are not allowed ({what})",
+                expected,
+                f'write e.g. id = "{suggestion[:64]}"; the id must not contain names, dates of birth or record numbers',
+            )
+        if len(s) > 64:
+            raise _err("bad_id", f"the patient id is {len(s)} characters long", expected, "shorten the id to at most 64 characters")
+        return s
 
 
 class Omics(BaseModel):
