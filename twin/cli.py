@@ -32,11 +32,9 @@ def _cmd_validate(args) -> int:
         p = Path(path)
         targets = [p]
         if p.is_dir() and not (p / "patient.toml").exists():
-            targets = sorted(x for x in p.iterdir() if (x.is_dir() and (x / "patient.toml").exists()) or x.suffix.lower() in (".json", ".yaml", ".yml"))
-            if not targets:
-                print(f"error: {p}: no patient.toml here and no patient bundles inside\n    fix: point to a patient folder, a .json/.yaml patient file, or a cohort folder", file=sys.stderr)
-                bad += 1
-                continue
+            inside = sorted(x for x in p.iterdir() if (x.is_dir() and (x / "patient.toml").exists()) or x.suffix.lower() in (".json", ".yaml", ".yml"))
+            if inside:  # a cohort folder; otherwise the loader reports the missing patient.toml
+                targets = inside
         for t in targets:
             patient, problems = read_patient(t)
             _print_problems(problems, str(t), quiet_notes=args.quiet)

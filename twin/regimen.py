@@ -16,10 +16,10 @@ import pandas as pd
 
 __all__ = ["Regimen", "REGIMEN_COLUMNS"]
 
-REGIMEN_COLUMNS = ("arm", "drug", "time", "amount", "route", "duration", "interval", "count")
+REGIMEN_COLUMNS = ("arm", "drug", "time", "amount", "route", "duration", "interval", "count", "note")
 _DTYPES = {
     "arm": "object", "drug": "object", "time": "float64", "amount": "float64", "route": "object",
-    "duration": "float64", "interval": "float64", "count": "int64",
+    "duration": "float64", "interval": "float64", "count": "int64", "note": "object",
 }
 
 
@@ -29,13 +29,16 @@ class Regimen:
 
     Parameters
     ----------
-    table : DataFrame with columns ``REGIMEN_COLUMNS`` in canonical units.
+    table : DataFrame with columns ``REGIMEN_COLUMNS`` in canonical units (``note``, free
+        text, may be omitted).
     """
 
     table: pd.DataFrame
 
     def __post_init__(self):
         t = self.table
+        if "note" not in t.columns:  # free text is optional
+            t = t.assign(note=None)
         missing = [c for c in REGIMEN_COLUMNS if c not in t.columns]
         if missing:
             raise ValueError(f"Regimen table lacks columns {missing}; expected {list(REGIMEN_COLUMNS)}")
@@ -63,6 +66,7 @@ class Regimen:
                     "duration": float(r.get("duration") or 0.0),
                     "interval": np.nan if r.get("interval") is None else float(r["interval"]),
                     "count": int(r.get("count") or 1),
+                    "note": r.get("note"),
                 }
             )
         if not rows:

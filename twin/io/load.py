@@ -599,7 +599,7 @@ def _dosing(recs: list, header: PatientHeader, covariates: Covariates, capped: _
         seen[k] = row
         if rec.count == 1 and rec.interval is not None:
             capped.add("interval_without_count", "warning", file, f"interval = {rec.interval:g} is given but count is 1, so {name} is given once", row=row, field="count", expected="count = the number of administrations when an interval is given", received="count 1" if raw.get("count") not in (None, "") else "no count", fix="fill in count (e.g. 28 for 28 daily doses), or leave interval empty for a single dose")
-        out.append({"arm": rec.arm, "drug": name, "time": rec.time, "amount": amount, "route": rec.route, "duration": duration, "interval": rec.interval, "count": rec.count})
+        out.append({"arm": rec.arm, "drug": name, "time": rec.time, "amount": amount, "route": rec.route, "duration": duration, "interval": rec.interval, "count": rec.count, "note": rec.note})
     for (src, dst), n in sorted(synonyms_used.items()):
         problems.note(file, f"drug name '{src}' read as catalogue name '{dst}' ({n} row(s))", field="drug")
     for (src, dst), n in sorted(routes_used.items()):

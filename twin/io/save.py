@@ -48,7 +48,7 @@ def _tables(patient: Patient) -> dict[str, list[dict]]:
     dosing.loc[dosing["count"] == 1, "interval"] = np.nan
     return {
         "measurements": _records(m, ["arm", "time", "observable", "value", "unit", "lloq", "below_lloq", "note"]),
-        "dosing": _records(dosing, ["arm", "drug", "time", "amount", "unit", "route", "duration", "interval", "count"]),
+        "dosing": _records(dosing, ["arm", "drug", "time", "amount", "unit", "route", "duration", "interval", "count", "note"]),
         "phases": _records(patient.phases, ["arm", "cycle", "phase", "start", "end"]),
         "mutations": _records(patient.omics.mutations, list(TABLES["mutations"][0].model_fields)),
         "copy_number": _records(patient.omics.copy_number, list(TABLES["copy_number"][0].model_fields)),
@@ -61,7 +61,10 @@ def _header(patient: Patient) -> dict:
     c = patient.covariates
     cov = {k: getattr(c, k) for k in ("age", "sex", "weight", "height", "bsa") if getattr(c, k) is not None}
     cov["species"] = c.species
-    header = {"format_version": FORMAT_VERSION, "id": patient.id, "covariates": cov}
+    header = {"format_version": FORMAT_VERSION, "id": patient.id}
+    if patient.time_origin:
+        header["time_origin"] = patient.time_origin
+    header["covariates"] = cov
     for key in ("labels", "drugs", "observables"):
         if getattr(patient, key):
             header[key] = getattr(patient, key)
