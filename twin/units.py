@@ -77,6 +77,12 @@ def _parse_unit(text: str):
 
 
 def conversion_factor(unit: str, canonical: str, *, molar_mass: float | None = None) -> float:
+    """Factor ``f`` such that ``value [unit] * f = value [canonical]`` (cached; see ``_conversion_factor``)."""
+    return _conversion_factor(str(unit), str(canonical), molar_mass)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conversion_factor(unit: str, canonical: str, molar_mass: float | None = None) -> float:
     """Factor ``f`` such that ``value [unit] * f = value [canonical]``.
 
     Parameters
