@@ -52,6 +52,7 @@ def registry():
     return ureg
 
 
+@functools.lru_cache(maxsize=1024)
 def normalise_unit_text(text: str) -> str:
     """Rewrite common clinical spellings ('µg/L', 'mg/m2', 'mm3', 'mcg') into pint syntax."""
     s = str(text).strip()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import functools
 import math
 import re
 from collections import defaultdict
@@ -486,6 +487,7 @@ def _snap(factor: float) -> float:
     return float(f"{factor:.12g}")
 
 
+@functools.lru_cache(maxsize=1024)
 def _same_unit_text(a: str, b: str) -> bool:
     try:
         return normalise_unit_text(a).replace(" ", "") == normalise_unit_text(b).replace(" ", "")
