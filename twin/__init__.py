@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import datasets
+from . import datasets, importers
 from .errors import InputError, PatientFileError, Problem, TwinError
+from .graph import GraphError, PathwayGraph, list_pathways, load_pathway, read_pathway
+from .omics import OmicsPriors, omics_priors
 from .io import load_cohort, load_patient, read_patient, save_patient, validate_patient
 from .patient import Cohort, Covariates, Omics, Patient
 from .regimen import Regimen
@@ -28,6 +30,9 @@ __all__ = [
     "__version__",
     "Cohort",
     "Covariates",
+    "GraphError",
+    "OmicsPriors",
+    "PathwayGraph",
     "InputError",
     "Omics",
     "Patient",
@@ -36,7 +41,12 @@ __all__ = [
     "Regimen",
     "TwinError",
     "datasets",
+    "importers",
+    "list_pathways",
     "load_cohort",
+    "load_pathway",
+    "omics_priors",
+    "read_pathway",
     "load_patient",
     "read_patient",
     "save_patient",

@@ -12,7 +12,7 @@ def patient_summary(patient) -> str:
     c = patient.covariates
     lines = [f"Patient {patient.id}"]
     cov = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (("age", c.age), ("sex", c.sex), ("weight [kg]", c.weight), ("height [cm]", c.height), ("BSA [m²]", c.bsa)) if v is not None]
-    lines.append("  covariates : " + (", ".join(cov) if cov else "none recorded") + f" ({c.species})")
+    lines.append("  covariates          : " + (", ".join(cov) if cov else "none recorded") + f" ({c.species})")
     m = patient.measurements
     if len(m):
         for (arm, obs), g in m.groupby(["arm", "observable"], sort=True):
@@ -21,7 +21,7 @@ def patient_summary(patient) -> str:
             unit = g["unit"].iloc[0].replace("**3", "³")
             arm_txt = f"[{arm}] " if arm != "main" else ""
             lines.append(
-                f"  {arm_txt}{obs:<13}: {len(g):3d} values over days {g['time'].min():g}-{g['time'].max():g}, "
+                f"  {arm_txt}{obs:<20}: {len(g):3d} values over days {g['time'].min():g}-{g['time'].max():g}, "
                 f"range {vals.min():.3g}-{vals.max():.3g} {unit}" + (f", {cens} below LLOQ" if cens else "")
             )
     ev = patient.history.events()
@@ -30,14 +30,14 @@ def patient_summary(patient) -> str:
             amt = g["amount"]
             total = f"{amt.sum():.6g} mg total" if not amt.isna().any() else "amount not recorded"
             arm_txt = f"[{arm}] " if arm != "main" else ""
-            lines.append(f"  {arm_txt}{drug:<13}: {len(g)} administrations ({', '.join(sorted(g['route'].unique()))}) days {g['time'].min():g}-{g['time'].max():g}, {total}")
+            lines.append(f"  {arm_txt}{drug:<20}: {len(g)} administrations ({', '.join(sorted(g['route'].unique()))}) days {g['time'].min():g}-{g['time'].max():g}, {total}")
     if len(patient.phases):
         on = patient.phases[patient.phases["phase"] == "on"]
         lines.append(f"  phases     : {patient.phases['cycle'].nunique()} treatment cycles, {len(on)} on-treatment periods")
     layers = patient.omics.layers
-    lines.append("  omics      : " + (", ".join(f"{n} ({len(getattr(patient.omics, n))})" for n in layers) if layers else "none (population priors will be used)"))
+    lines.append("  omics               : " + (", ".join(f"{n} ({len(getattr(patient.omics, n))})" for n in layers) if layers else "none (population priors will be used)"))
     if patient.labels:
-        lines.append("  labels     : " + ", ".join(f"{k}={v}" for k, v in patient.labels.items()))
+        lines.append("  labels              : " + ", ".join(f"{k}={v}" for k, v in patient.labels.items()))
     return "\n".join(lines)
 
 
