@@ -262,11 +262,9 @@ def from_raw(path: str | Path, *, omics: bool = True) -> Cohort:
 
 def write_bundles(cohort: Cohort, outdir: str | Path, *, overwrite: bool = True) -> list[Path]:
     """Save every patient as a bundle folder ``outdir/<id>/`` (canonical units)."""
-    from ..io import save_patient
+    from ..io import save_cohort
 
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    return [save_patient(p, out / p.id, overwrite=overwrite) for p in cohort]
+    return save_cohort(cohort, outdir, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

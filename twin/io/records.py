@@ -296,32 +296,29 @@ class CopyNumberRecord(_Record):
         return self
 
 
-class ExpressionRecord(_Record):
+class _ValueRecord(_Record):
+    """A record whose ``value`` is required (a measured level on some ``scale``)."""
+
+    @field_validator("value", check_fields=False)
+    @classmethod
+    def _present(cls, v):
+        if v is None:
+            raise _err("missing_value", "the value is missing", "a number", "fill in the value or delete the row")
+        return v
+
+
+class ExpressionRecord(_ValueRecord):
     gene: Name
     value: Number
     scale: Name = Field(description="tpm, fpkm, counts, log2_tpm, log2_fpkm, zscore, rsem ...")
     sample: Text = None
 
-    @field_validator("value")
-    @classmethod
-    def _present(cls, v):
-        if v is None:
-            raise _err("missing_value", "the value is missing", "a number", "fill in the value or delete the row")
-        return v
 
-
-class ProteinRecord(_Record):
+class ProteinRecord(_ValueRecord):
     protein: Name = Field(description="protein or antibody, e.g. AKT_pS473")
     value: Number
     scale: Name = Field(description="e.g. rppa_zscore, log2_intensity")
     sample: Text = None
-
-    @field_validator("value")
-    @classmethod
-    def _present(cls, v):
-        if v is None:
-            raise _err("missing_value", "the value is missing", "a number", "fill in the value or delete the row")
-        return v
 
 
 class PhaseRecord(_Record):

@@ -18,7 +18,7 @@ from .._atomic import atomic_directory, atomic_write_text
 from ..patient import Patient
 from .records import FORMAT_VERSION, TABLES
 
-__all__ = ["save_patient", "patient_document"]
+__all__ = ["save_patient", "save_cohort", "patient_document"]
 
 
 def _clean(v):
@@ -146,3 +146,10 @@ def save_patient(patient: Patient, path: str | Path, *, overwrite: bool = False)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(buf.getvalue(), encoding="utf-8")
     return path
+
+
+def save_cohort(cohort, outdir: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Save every patient of a :class:`~twin.patient.Cohort` as ``outdir/<id>/`` bundle folders."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [save_patient(p, out / p.id, overwrite=overwrite) for p in cohort]
