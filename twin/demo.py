@@ -33,7 +33,7 @@ def patient_summary(patient) -> str:
             lines.append(f"  {arm_txt}{drug:<20}: {len(g)} administrations ({', '.join(sorted(g['route'].unique()))}) days {g['time'].min():g}-{g['time'].max():g}, {total}")
     if len(patient.phases):
         on = patient.phases[patient.phases["phase"] == "on"]
-        lines.append(f"  phases     : {patient.phases['cycle'].nunique()} treatment cycles, {len(on)} on-treatment periods")
+        lines.append(f"  phases              : {patient.phases['cycle'].nunique()} treatment cycles, {len(on)} on-treatment periods")
     layers = patient.omics.layers
     lines.append("  omics               : " + (", ".join(f"{n} ({len(getattr(patient.omics, n))})" for n in layers) if layers else "none (population priors will be used)"))
     if patient.labels:
