@@ -15,6 +15,8 @@ See ``docs/outcomes.md``.
 """
 
 from . import compare, outcomes
+from .policy import HOLD, TREAT, Bruchovsky, Continuous, DoseSkipping, Limited, Policy, PolicyState, RuleError, RulePolicy, Zhang, make_policy
+from .scenario import LIBRARY, Arm, OutcomeSpec, Scenario, ScenarioError, library_path, policy_doses
 from .compare import compare_arms, predictive_check, prob_beats, virtual_trial
 from .outcomes import check_result, standard_outcomes, summarize, time_to_progression, time_to_resistance
 
@@ -34,6 +36,25 @@ from .protocol import (
 )
 
 __all__ = [
+    "HOLD",
+    "LIBRARY",
+    "TREAT",
+    "Arm",
+    "Bruchovsky",
+    "Continuous",
+    "DoseSkipping",
+    "Limited",
+    "OutcomeSpec",
+    "Policy",
+    "PolicyState",
+    "RuleError",
+    "RulePolicy",
+    "Scenario",
+    "ScenarioError",
+    "Zhang",
+    "library_path",
+    "make_policy",
+    "policy_doses",
     "check_result",
     "compare",
     "compare_arms",
