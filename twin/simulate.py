@@ -1,0 +1,460 @@
+"""`simulate`: the one entry point that integrates a :class:`~twin.model.TwinModel`.
+
+One call integrates every parameter draw (x patient) under every regimen. Doses are events:
+for each regimen the integrator stops at every dose start, infusion end and observation
+time, and never steps across one; within a segment the drug exposure is the analytic PK
+(:func:`twin.pk.concentration` of the doses given so far, then Hill inhibition), which is
+smooth there. The integrator is a batched, float64 Dormand–Prince 5(4) (torch) with one
+step size per regimen group and per-member error estimates: a member whose error cannot
+be controlled (non-finite state, step size below ``min_step``) is marked failed, its
+trajectory set to NaN, and the others go on.
+
+Gradients with respect to dose times are not supported (doses are events).
+"""
+
+from __future__ import annotations
+
+import math
+import time as _time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError, close_matches
+
+__all__ = ["simulate", "dopri5_fixed", "STATUS_CODES"]
+
+STATUS_CODES = {0: "ok", 1: "step size fell below min_step (non-finite or unstable state)", 2: "max_steps reached", 3: "non-finite initial state"}
+
+# Dormand & Prince (1980) 5(4) tableau
+_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_B = _A[6] + (0.0,)
+_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # b5 - b4
+
+
+def _stages(f, t, y, h, k1, exposures):
+    """Dormand–Prince stages; returns (y5, err_vector, k7). ``exposures[i]`` is the exposure
+    at ``t + c_i h`` (index 0 unused when ``k1`` is given)."""
+    ks = [k1]
+    for i in range(1, 7):
+        yi = y
+        for j, a in enumerate(_A[i]):
+            if a != 0.0:
+                yi = yi + (h * a) * ks[j]
+        if i == 6:
+            y5 = yi
+        ks.append(f(t + _C[i] * h, yi, exposures[i]))
+    err = sum((h * e) * k for e, k in zip(_E, ks) if e != 0.0)
+    return y5, err, ks[6]
+
+
+def dopri5_fixed(f, y0, t0: float, t1: float, n_steps: int):
+    """Fixed-step Dormand–Prince 5th order: ``f(t, y) -> dy/dt`` (torch), ``n_steps`` equal steps.
+    Used to measure the convergence order of the integrator."""
+    y = y0
+    h = (t1 - t0) / n_steps
+    t = t0
+    ex = [None] * 7
+    for _ in range(n_steps):
+        k1 = f(t, y, None)
+        y, _, _ = _stages(f, t, y, h, k1, ex)
+        t = t0 + h * (_ + 1)
+    return y
+
+
+# ----------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------
+def _normalize_parameters(model, parameters, patients):
+    """-> (dict name -> np (n_patients*n_draws,), n_draws, draw coordinate, patient ids)."""
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover
+        xr = None
+    import pandas as pd
+
+    coord = None
+    if xr is not None and isinstance(parameters, xr.Dataset):
+        ds = parameters
+        if "chain" in ds.dims and "draw" in ds.dims:
+            ds = ds.stack(sample=("chain", "draw")).reset_index("sample", drop=True).rename(sample="draw")
+        parameters = {k: ds[k].values for k in ds.data_vars if k in set(model.parameter_names)}
+    elif isinstance(parameters, pd.DataFrame):
+        coord = parameters.index.to_numpy()
+        parameters = {k: parameters[k].to_numpy(dtype=np.float64) for k in parameters.columns}
+    elif parameters is None:
+        parameters = {}
+    elif not isinstance(parameters, Mapping):
+        raise InputError(f"simulate: parameters must be a dict of arrays, a pandas DataFrame or an xarray Dataset; received {type(parameters).__name__}")
+    names = set(model.parameter_names)
+    bad = [k for k in parameters if k not in names]
+    if bad:
+        raise InputError(f"simulate: unknown parameter(s) {bad} for this model.{close_matches(bad[0], list(names))} (model.parameter_names lists them)")
+    arrs = {k: np.asarray(v, dtype=np.float64) for k, v in parameters.items()}
+    n_pat = len(patients) if patients is not None else None
+    shapes = {k: v.shape for k, v in arrs.items() if v.ndim}
+    if n_pat is None:
+        n_draws = max([s[0] for s in shapes.values()] or [1])
+        for k, s in shapes.items():
+            if len(s) != 1 or s[0] not in (1, n_draws):
+                raise InputError(f"simulate: parameter {k!r} has shape {s}; expected a scalar or ({n_draws},) (one value per draw)")
+        flat = {k: np.broadcast_to(v.reshape(-1) if v.ndim else v, (n_draws,)).copy() for k, v in arrs.items()}
+    else:
+        n_draws = max([s[-1] for s in shapes.values() if len(s) == 2] or [s[0] for s in shapes.values() if len(s) == 1 and s[0] != n_pat] or [1])
+        flat = {}
+        for k, v in arrs.items():
+            if v.ndim == 0:
+                v = np.full((n_pat, n_draws), float(v))
+            elif v.ndim == 1 and v.shape[0] == n_pat:
+                v = np.repeat(v[:, None], n_draws, axis=1)
+            elif v.ndim == 1 and v.shape[0] == n_draws:
+                v = np.repeat(v[None, :], n_pat, axis=0)
+            if v.shape != (n_pat, n_draws):
+                raise InputError(f"simulate: parameter {k!r} has shape {v.shape}; expected ({n_pat}, {n_draws}) = (patient, draw)")
+            flat[k] = v.reshape(-1)
+    if coord is None or len(coord) != n_draws:
+        coord = np.arange(n_draws)
+    return flat, n_draws, coord
+
+
+def _normalize_regimens(regimens):
+    from .regimen import Regimen
+
+    if isinstance(regimens, Regimen):
+        regimens = [regimens]
+    out = []
+    if isinstance(regimens, Mapping):
+        for name, r in regimens.items():
+            if not isinstance(r, Regimen):
+                raise InputError(f"simulate: regimens[{name!r}] must be a Regimen, received {type(r).__name__}")
+            arms = r.arms
+            if len(arms) > 1:
+                raise InputError(f"simulate: regimens[{name!r}] has several arms {arms}; fix: pass one Regimen per arm (regimen.for_arm(arm))")
+            out.append((str(name), r))
+        return out
+    for i, r in enumerate(regimens):
+        if not isinstance(r, Regimen):
+            raise InputError(f"simulate: regimens[{i}] must be a Regimen, received {type(r).__name__}")
+        arms = r.arms or [f"untreated_{i}" if len(regimens) > 1 else "untreated"]
+        for a in arms:
+            name = a
+            while name in {n for n, _ in out}:
+                name = f"{name}_{i}"
+            out.append((name, r.for_arm(a) if r.arms else r))
+    if not out:
+        raise InputError("simulate: give at least one regimen (Regimen.empty() for no treatment)")
+    return out
+
+
+class _Exposure:
+    """Analytic PK -> inhibition (n_times, n_drugs) of one regimen, doses up to a segment start."""
+
+    def __init__(self, model, regimen):
+        from . import pk
+        from .drugs import lookup_drug
+
+        self.pk = pk
+        self.model = model
+        self.notes = []
+        present = sorted(regimen.table["drug"].str.lower().unique()) if len(regimen) else []
+        unknown = [d for d in present if d not in model.drugs]
+        if unknown:
+            raise InputError(
+                f"simulate: the regimen doses {unknown} but the model knows only {list(model.drugs)}; "
+                f"fix: TwinModel.from_graph(..., drugs=[...]) with every drug of the regimens.{close_matches(unknown[0], list(model.drugs))}"
+            )
+        self.doses = {}
+        for d in model.drugs:
+            if d not in present:
+                continue
+            sub = regimen.table[regimen.table["drug"].str.lower() == d].copy()
+            sub["drug"] = d
+            from .regimen import Regimen
+
+            reg = Regimen(sub)
+            cat = lookup_drug(d)
+            fill = cat.pk.standard_dose_mg if (cat is not None and cat.pk is not None) else None
+            table, n = pk.dose_table(reg, d, fill_amount=fill)
+            if n:
+                self.notes.append(f"{d}: {n} dose(s) without an amount were given the standard dose {fill:g} mg")
+            keep = table.amount > 0
+            self.doses[d] = pk.DoseTable(table.time[keep], table.amount[keep], table.route[keep], table.duration[keep])
+
+    def event_times(self) -> np.ndarray:
+        ts = [self.pk.event_times(t) for t in self.doses.values() if len(t)]
+        return np.unique(np.concatenate(ts)) if ts else np.zeros(0)
+
+    def segment(self, a: float):
+        """A function times -> (T, n_drugs) inhibition, using the doses given at or before ``a``."""
+        pk = self.pk
+        parts = []
+        for j, d in enumerate(self.model.drugs):
+            tab = self.doses.get(d)
+            if tab is None:
+                continue
+            k = int(np.searchsorted(tab.time, a, side="right"))
+            if k == 0:
+                continue
+            sub = pk.DoseTable(tab.time[:k], tab.amount[:k], tab.route[:k], tab.duration[:k])
+            params, pot = self.model.drug_pk[d]
+            parts.append((j, sub, params, pot))
+        nd = len(self.model.drugs)
+
+        def at(times):
+            times = np.asarray(times, dtype=np.float64)
+            out = np.zeros((len(times), nd))
+            for j, sub, params, pot in parts:
+                c = pk.concentration(params, sub, times)
+                out[:, j] = pk.hill_inhibition(c, pot.ic50, pot.hill, pot.imax)
+            return out
+
+        return at, bool(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# the batched adaptive integrator (one regimen group)
+# ----------------------------------------------------------------------------------------
+def _integrate_group(model, p, y0, times, exposure: _Exposure, *, rtol, atol, min_step, max_steps):
+    import torch
+
+    B, n = y0.shape
+    t_obs = np.asarray(times, dtype=np.float64)
+    t0, t_end = float(t_obs[0]), float(t_obs[-1])
+    ev = exposure.event_times()
+    ev = ev[(ev > t0) & (ev < t_end)]
+    stops = np.unique(np.concatenate([t_obs, ev]))
+    obs_index = {float(t): i for i, t in enumerate(t_obs)}
+    out = np.full((B, len(t_obs), n), np.nan)
+    status = np.zeros(B, dtype=np.int64)
+    messages = [""] * B
+    y = y0.clone()
+    bad0 = ~torch.isfinite(y).all(-1)
+    for b in torch.nonzero(bad0).flatten().tolist():
+        status[b], messages[b] = 3, "non-finite initial state (check N0, K and the resistant fractions)"
+    active = ~bad0
+    out[:, 0] = y.numpy()
+    nd = len(model.drugs)
+    zeros = torch.zeros((B, nd), dtype=torch.float64)
+    steps = 0
+
+    def f(t, yy, ex):
+        return model.vector_field(t, yy, p, zeros if ex is None else ex)
+
+    def fail(mask, code, msg):
+        nonlocal active
+        for b in torch.nonzero(mask & active).flatten().tolist():
+            status[b], messages[b] = code, msg
+        active = active & ~mask
+
+    for a, bnd in zip(stops[:-1], stops[1:]):
+        a, bnd = float(a), float(bnd)
+        at, dosed = exposure.segment(a)
+
+        def ex_at(ts):
+            if not dosed:
+                return [None] * len(ts)
+            e = torch.as_tensor(at(ts), dtype=torch.float64)
+            return [e[i][None, :].expand(B, nd) for i in range(len(ts))]
+
+        t = a
+        k1 = f(t, y, ex_at([t])[0])
+        # initial step (Hairer, Norsett & Wanner II.4, first estimate), min over members
+        sc = atol + rtol * y.abs()
+        d0 = torch.sqrt(((y / sc) ** 2).mean(-1))
+        d1 = torch.sqrt(((k1 / sc) ** 2).mean(-1))
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        h0 = h0[active & torch.isfinite(h0)]
+        h = float(h0.min()) if h0.numel() else (bnd - a)
+        h = min(max(h, min_step), bnd - a)
+        while t < bnd and bool(active.any()):
+            last = t + h >= bnd - 1e-12 * max(1.0, abs(bnd))
+            if last:
+                h = bnd - t
+            exs = ex_at([t + c * h for c in _C])
+            y5, err, k7 = _stages(f, t, y, h, k1, exs)
+            sc = atol + rtol * torch.maximum(y.abs(), y5.abs())
+            en = torch.sqrt(((err / sc) ** 2).mean(-1))
+            en = torch.where(torch.isfinite(en) & torch.isfinite(y5).all(-1), en, torch.full_like(en, math.inf))
+            emax = float(en[active].max()) if bool(active.any()) else 0.0
+            steps += 1
+            if steps > max_steps:
+                fail(torch.ones(B, dtype=torch.bool), 2, f"max_steps={max_steps} reached at t={t:g} day; increase max_steps or loosen rtol")
+                break
+            if emax <= 1.0:
+                y = torch.where(active[:, None], y5, y)
+                k1 = torch.where(active[:, None], k7, k1)
+                t = bnd if last else t + h
+                fac = 10.0 if emax == 0 else min(10.0, max(0.2, 0.9 * emax ** -0.2))
+                h = min(h * fac, bnd - t) if t < bnd else h
+            else:
+                if h <= min_step * (1 + 1e-12):
+                    fail(en > 1.0, 1, f"step size fell below min_step={min_step:g} day at t={t:g} day (non-finite or unstable state); check the parameters")
+                    continue
+                fac = 0.2 if not math.isfinite(emax) else min(1.0, max(0.2, 0.9 * emax ** -0.2))
+                h = max(h * fac, min_step)
+        if bnd in obs_index:
+            out[:, obs_index[bnd]] = y.detach().numpy()
+        if not bool(active.any()):
+            break
+    out[status != 0] = np.nan
+    return out, status, messages, steps
+
+
+def _run_groups(model, p, y0_all, times, regs, rtol, atol, min_step, max_steps, res, status, msgs, notes, nsteps):
+    import torch
+
+    with torch.no_grad():
+        for r, (name, reg) in enumerate(regs):
+            ex = _Exposure(model, reg)
+            notes += [f"{name}: {x}" for x in ex.notes]
+            out, st, m, steps = _integrate_group(model, p, y0_all[r], times, ex, rtol=rtol, atol=atol, min_step=min_step, max_steps=max_steps)
+            res[r], status[r], msgs[r] = out, st, m
+            nsteps.append(steps)
+
+
+# ----------------------------------------------------------------------------------------
+# the entry point
+# ----------------------------------------------------------------------------------------
+def simulate(
+    model,
+    parameters,
+    regimens,
+    times,
+    *,
+    patients: Sequence[str] | None = None,
+    seed: int | None = None,
+    rtol: float = 1e-6,
+    atol: float = 1e-9,
+    initial_state=None,
+    min_step: float = 1e-8,
+    max_steps: int = 1_000_000,
+    num_threads: int | None = None,
+    pathway_states: bool = True,
+):
+    """Integrate ``model`` for every draw (x patient) under every regimen.
+
+    Parameters
+    ----------
+    model : :class:`~twin.model.TwinModel`.
+    parameters : dict name -> array ``(n_draws,)`` (or scalar), a pandas DataFrame (one
+        row per draw) or an xarray Dataset (``draw``, or ``chain`` x ``draw`` which are
+        stacked); with ``patients``, arrays ``(n_patients, n_draws)``. Parameters not given
+        take ``model.default_values()``.
+    regimens : a Regimen, a list of Regimens (one regimen per arm) or a dict name -> Regimen.
+    times : sorted observation times [day]; the first one is the start of the simulation
+        (doses before it still contribute to the PK after it).
+    patients : optional patient ids (adds a leading ``patient`` dim).
+    seed : recorded only (this deterministic simulation draws no random numbers).
+    rtol, atol : tolerances of the adaptive Dormand–Prince 5(4) (per-member RMS norm).
+    initial_state : optional states at ``times[0]``: ``(n_states,)``, ``(n_members, n_states)``
+        or ``(n_regimens, n_members, n_states)``; default ``model.initial_state``.
+    min_step : a member still failing the error test at this step size [day] is marked failed.
+    max_steps : total step budget per regimen group (all members fail beyond it).
+    pathway_states : ``False`` leaves the pathway activities ``x_*`` out of the result
+        (they are still integrated): much smaller results for large virtual trials.
+    num_threads : torch threads during the run (default: 1 for small batches, where thread
+        synchronisation dominates; restored afterwards).
+
+    Returns
+    -------
+    xarray.Dataset with dims ``([patient,] regimen, draw, time)``: one variable per state
+    and observable (units in ``attrs``), ``status`` (0 ok; see ``attrs["codes"]``) and
+    ``status_message``.
+    """
+    import torch
+    import xarray as xr
+
+    t_start = _time.perf_counter()
+    times = np.asarray(times, dtype=np.float64).ravel()
+    if times.size < 1 or not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
+        raise InputError("simulate: times must be a non-empty, strictly increasing 1-D array of finite days")
+    for name, v in (("rtol", rtol), ("atol", atol), ("min_step", min_step)):
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise InputError(f"simulate: {name} must be a positive number, received {v!r}")
+    flat, n_draws, draw_coord = _normalize_parameters(model, parameters, patients)
+    regs = _normalize_regimens(regimens)
+    n_pat = len(patients) if patients is not None else 1
+    B = n_pat * n_draws
+    p = model.parameter_tensors({k: torch.as_tensor(v) for k, v in flat.items()}, batch=B, stacked=True)
+    old_threads = torch.get_num_threads()
+    # tiny batched kernels are dominated by thread synchronisation: one thread unless big
+    torch.set_num_threads(int(num_threads) if num_threads else (1 if B * len(model.state_names) < 2_000_000 else old_threads))
+    try:
+        return _simulate(model, p, regs, times, initial_state, B, n_pat, n_draws, draw_coord, patients, seed, rtol, atol, min_step, max_steps, t_start, pathway_states)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _simulate(model, p, regs, times, initial_state, B, n_pat, n_draws, draw_coord, patients, seed, rtol, atol, min_step, max_steps, t_start, pathway_states):
+    import torch
+    import xarray as xr
+
+    if initial_state is None:
+        with torch.no_grad():
+            y0_all = [model.initial_state(p)] * len(regs)
+    else:
+        arr = np.asarray(initial_state, dtype=np.float64)
+        ns = len(model.state_names)
+        if arr.shape[-1] != ns:
+            raise InputError(f"simulate: initial_state has {arr.shape[-1]} states, the model has {ns}")
+        arr = np.broadcast_to(arr if arr.ndim == 3 else arr.reshape((1,) * (3 - arr.ndim) + arr.shape), (len(regs), B, ns))
+        y0_all = [torch.as_tensor(arr[r].copy()) for r in range(len(regs))]
+    states = list(model.state_names)
+    res = np.empty((len(regs), B, len(times), len(states)))
+    status = np.zeros((len(regs), B), dtype=np.int64)
+    msgs = np.empty((len(regs), B), dtype=object)
+    notes, nsteps = [], []
+    _run_groups(model, p, y0_all, times, regs, rtol, atol, min_step, max_steps, res, status, msgs, notes, nsteps)
+    # -> dataset
+
+    shape = (len(regs), n_pat, n_draws, len(times))
+    dims = ("patient", "regimen", "draw", "time") if patients is not None else ("regimen", "draw", "time")
+
+    def arrange(a):  # (R, B, T) -> dims
+        a = a.reshape(shape)
+        return np.moveaxis(a, 1, 0) if patients is not None else a[:, 0]
+
+    coords = {"regimen": [n for n, _ in regs], "draw": draw_coord, "time": times}
+    if patients is not None:
+        coords["patient"] = list(patients)
+    data = {}
+    units = model.state_units
+    for i, s in enumerate(states):
+        if s.startswith("x_") and not pathway_states:
+            continue
+        data[s] = (dims, arrange(res[..., i]), {"units": units[s]})
+    obs = model.observe(res)
+    for k, v in obs.items():
+        if k not in data:
+            data[k] = (dims, arrange(v), {"units": model.observable_units[k]})
+    sdims = dims[:-1]
+
+    def arrange2(a):
+        a = a.reshape(shape[:-1])
+        return np.moveaxis(a, 1, 0) if patients is not None else a[:, 0]
+
+    data["status"] = (sdims, arrange2(status), {"codes": "; ".join(f"{k}: {v}" for k, v in STATUS_CODES.items())})
+    data["status_message"] = (sdims, arrange2(msgs).astype(str), {})
+    failed = [f"{coords['regimen'][r]} member {b}: {msgs[r, b]}" for r in range(len(regs)) for b in range(B) if status[r, b]]
+    data["status"][2]["message"] = "all draws ok" if not failed else f"{len(failed)} failed: " + " | ".join(failed[:20])
+    attrs = {
+        "model": repr(model),
+        "growth": model.growth,
+        "rtol": rtol,
+        "atol": atol,
+        "seed": -1 if seed is None else int(seed),
+        "integrator": "batched Dormand-Prince 5(4), float64, stops at every dose start, infusion end and observation time",
+        "steps": ", ".join(f"{n}: {s}" for (n, _), s in zip(regs, nsteps)),
+        "wall_time_s": round(_time.perf_counter() - t_start, 3),
+        "notes": " | ".join(notes),
+    }
+    return xr.Dataset(data, coords=coords, attrs=attrs)
