@@ -67,3 +67,15 @@ def test_cli_version_and_usage(capsys):
 def test_python_dash_m_twin():
     out = subprocess.run([sys.executable, "-m", "twin", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("twin ")
+
+
+def test_demo_runs_and_writes_the_picture(tmp_path, capsys):
+    """`twin demo` (small): prints the patient summary and the prior twin, writes a PNG."""
+    from twin.cli import main
+
+    assert main(["demo", "-o", str(tmp_path), "--draws", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "bruchovsky-101" in out and "X-1906" in out
+    assert "RAF      basal_logit   +2.00" in out  # BRAF known-functional -> raised RAF basal activity
+    png = tmp_path / "X-1906_prior_twin.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

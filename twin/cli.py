@@ -45,7 +45,7 @@ def _cmd_validate(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(output=Path(args.output), seed=args.seed)
+    return run_demo(output=Path(args.output), seed=args.seed, n_draws=args.draws)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the demonstration on a bundled real patient")
     d.add_argument("-o", "--output", default="demo-output", help="folder for the demo's outputs (default: demo-output)")
     d.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
+    d.add_argument("--draws", type=int, default=100, help="prior draws to simulate (default 100)")
     d.set_defaults(func=_cmd_demo)
     return parser
 
