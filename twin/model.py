@@ -105,6 +105,9 @@ class TwinModel:
     drug_pk: dict = field(default_factory=dict)
     _params: tuple = ()
     _nodes: tuple = ()
+    #: optional :class:`~twin.residual.NeuralResidual` (``None``: the mechanistic model exactly);
+    #: set with :meth:`with_residual`, removed with :meth:`without_residual`.
+    residual: Any = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -164,6 +167,26 @@ class TwinModel:
         self = cls(graph, drugs, mechs, growth, bool(persisters), bool(pathway), pkd, (), nodes)
         object.__setattr__(self, "_params", tuple(self._build_params()))
         return self
+
+    # ------------------------------------------------------------------ neural residual
+    def with_residual(self, residual) -> "TwinModel":
+        """A copy of this model whose vector field adds the bounded neural term
+        ``eps(t) N_c`` to dN_c/dt of every signalling clone (``twin/residual.py``,
+        ``docs/model.md`` "Neural residual"). ``None`` gives :meth:`without_residual`."""
+        import dataclasses
+
+        if residual is None:
+            return self.without_residual()
+        index = residual.bind(self)  # validates nodes, drugs and dtype
+        new = dataclasses.replace(self, residual=residual)
+        object.__setattr__(new, "_residual_index", index)
+        return new
+
+    def without_residual(self) -> "TwinModel":
+        """The mechanistic model (this model without its neural residual)."""
+        import dataclasses
+
+        return self if self.residual is None else dataclasses.replace(self, residual=None)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -497,6 +520,13 @@ class TwinModel:
         for j in cache["cyto"]:
             kill = kill + params[f"kill_{_ident(self.drugs[j])}"][:, None] * inh[:, :, j]
         dN = (params["r_max"][:, None] * prol * g[:, None] - params["d_max"][:, None] * dth - kill) * Nc
+        if self.residual is not None:  # neural residual: + eps N_c on every signalling clone
+            index = self.__dict__.get("_residual_index")
+            if index is None:  # e.g. after dataclasses.replace: bind once
+                index = self.residual.bind(self)
+                object.__setattr__(self, "_residual_index", index)
+            node_idx, drug_idx = index
+            dN = dN + self.residual(y[:, node_idx], Ntot, exposure[:, drug_idx])[:, None] * Nc
         if self.persisters:
             P = cells[:, C]
             itot = 1.0 - torch.prod(1.0 - exposure, dim=-1) if nd else torch.zeros(B, dtype=torch.float64)
@@ -565,4 +595,5 @@ class TwinModel:
         return (f"TwinModel(graph={getattr(self.graph, 'name', None)!r}, drugs={list(self.drugs)}, "
                 f"mechanisms={[m.name for m in self.mechanisms]}, growth={self.growth!r}, "
                 f"persisters={self.persisters}, pathway={self.pathway}, states={len(self.state_names)}, "
-                f"parameters={len(self.parameter_names)})")
+                f"parameters={len(self.parameter_names)}"
+                + (f", residual={self.residual.extra_repr()!r}" if self.residual is not None else "") + ")")
