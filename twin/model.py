@@ -478,6 +478,60 @@ class TwinModel:
             f = f * (1.0 - inh[:, :, j:j + 1] * cache["T"][k][None, None, :])
         return f
 
+    def _growth_terms(self, y, params, exposure):
+        """Pieces of the cell dynamics shared by :meth:`vector_field` and :meth:`clone_rates`:
+        pathway activities x (B, C, N) or None, proliferation and death phenotypes (B, C),
+        the growth factor g (B,) (logistic 1 - N/K or Gompertz log(K/N)), the direct kill
+        (B, C) and the per-clone inhibition (B, C, n_drugs)."""
+        import torch
+
+        cache = self._tensors()
+        B = y.shape[0]
+        C, N = len(self.clones), len(self._nodes)
+        inh = self._clone_inhibition(params, exposure)  # (B, C, nd)
+        x = None
+        if self.pathway:
+            x = y[:, : C * N].reshape(B, C, N)
+            prol = torch.matmul(x, cache["prol_avg"]) if cache["prol"] else torch.ones((B, C), dtype=torch.float64)
+            dth = torch.matmul(x, cache["death_avg"]) if cache["death"] else torch.ones((B, C), dtype=torch.float64)
+        else:
+            prol = torch.ones((B, C), dtype=torch.float64)
+            for j in cache["targeted"]:
+                prol = prol * (1.0 - inh[:, :, j])
+            dth = torch.ones((B, C), dtype=torch.float64)
+        Ntot = y[:, C * N: C * N + len(self.compartments)].sum(-1)
+        K = params["K"]
+        if self.growth == "logistic":
+            g = 1.0 - Ntot / K
+        else:
+            g = torch.log(K / Ntot.clamp_min(1e-300))
+        kill = torch.zeros((B, C), dtype=torch.float64)
+        for j in cache["cyto"]:
+            kill = kill + params[f"kill_{_ident(self.drugs[j])}"][:, None] * inh[:, :, j]
+        return x, prol, dth, g, kill, inh
+
+    def clone_rates(self, y, params: Mapping[str, Any], exposure=None):
+        """Per-cell division and loss rates [1/day] of every signalling clone, (B, C) each.
+
+        division = r_max x proliferation x max(g, 0); loss = d_max x death + direct kill
+        + r_max x proliferation x max(-g, 0) (crowding beyond the carrying capacity acts as
+        loss). ``division - loss`` is the clone's net per-capita growth without the neural
+        residual and the persister exchange. Used to drive stochastic resistance emergence
+        (:func:`twin.resistance.acquired_resistance`). Accepts numpy or torch inputs.
+        """
+        import torch
+
+        y = torch.as_tensor(y, dtype=torch.float64)
+        p = self.parameter_tensors(params, batch=y.shape[0])
+        nd = len(self.drugs)
+        exposure = torch.zeros((y.shape[0], nd), dtype=torch.float64) if exposure is None or nd == 0 else torch.as_tensor(exposure, dtype=torch.float64)
+        with torch.no_grad():
+            _, prol, dth, g, kill, _ = self._growth_terms(y, p, exposure)
+            base = p["r_max"][:, None] * prol
+            division = base * g.clamp_min(0.0)[:, None]
+            loss = p["d_max"][:, None] * dth + kill + base * (-g).clamp_min(0.0)[:, None]
+        return division, loss
+
     def vector_field(self, t, y, params: Mapping[str, Any], exposure):
         """dy/dt, batched: y (B, n_states), params name -> (B,), exposure (B, n_drugs) =
         target inhibition I_d(t) in [0, 1] of each drug of ``self.drugs`` (from analytic PK).
@@ -493,32 +547,16 @@ class TwinModel:
         nd = len(self.drugs)
         if exposure is None or nd == 0:
             exposure = torch.zeros((B, nd), dtype=torch.float64)
-        inh = self._clone_inhibition(params, exposure)  # (B, C, nd)
+        x, prol, dth, g, kill, inh = self._growth_terms(y, params, exposure)
         parts = []
         if self.pathway:
-            x = y[:, : C * N].reshape(B, C, N)
             f = self._pathway_target(x, params, inh)
             parts.append(((f - x) / params["tau"][:, None, None]).reshape(B, C * N))
-            prol = torch.matmul(x, cache["prol_avg"]) if cache["prol"] else torch.ones((B, C), dtype=torch.float64)
-            dth = torch.matmul(x, cache["death_avg"]) if cache["death"] else torch.ones((B, C), dtype=torch.float64)
-        else:
-            prol = torch.ones((B, C), dtype=torch.float64)
-            for j in cache["targeted"]:
-                prol = prol * (1.0 - inh[:, :, j])
-            dth = torch.ones((B, C), dtype=torch.float64)
         off = C * N
         ncomp = len(self.compartments)
         cells = y[:, off: off + ncomp]
         Nc = cells[:, :C]
         Ntot = cells.sum(-1)
-        K = params["K"]
-        if self.growth == "logistic":
-            g = 1.0 - Ntot / K
-        else:
-            g = torch.log(K / Ntot.clamp_min(1e-300))
-        kill = torch.zeros((B, C), dtype=torch.float64)
-        for j in cache["cyto"]:
-            kill = kill + params[f"kill_{_ident(self.drugs[j])}"][:, None] * inh[:, :, j]
         dN = (params["r_max"][:, None] * prol * g[:, None] - params["d_max"][:, None] * dth - kill) * Nc
         if self.residual is not None:  # neural residual: + eps N_c on every signalling clone
             index = self.__dict__.get("_residual_index")
