@@ -62,7 +62,10 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = [
+    "acquired_resistance",
     "ResistanceResult",
     "ResistanceProbability",
     "draw_seeds",
@@ -584,3 +587,109 @@ def _first_passage_from_one(N: int, bs, ds, zs) -> np.ndarray:
         np.multiply(Y, w, out=a)
         T += a
     return T
+
+
+def _states(result, model, regimen) -> np.ndarray:
+    """(n_draws, n_times, n_states) from a simulate() result for one regimen."""
+    missing = [n for n in model.state_names if n not in result]
+    if missing:
+        raise InputError(
+            f"acquired_resistance: the result lacks states {missing[:3]}...; "
+            "fix: simulate(..., pathway_states=True) so the division rates can be recomputed"
+        )
+    sub = result.sel(regimen=regimen)
+    return np.stack([sub[n].transpose("draw", "time").values for n in model.state_names], axis=-1)
+
+
+def acquired_resistance(
+    result,
+    model,
+    parameters,
+    regimens,
+    *,
+    mu: float | np.ndarray = 1e-7,
+    resistant_clone: str | None = None,
+    n_replicates: int = 100,
+    seed: SeedLike = 0,
+    threshold: float = 1e3,
+):
+    """Stochastic emergence of *acquired* resistance on top of a deterministic twin run.
+
+    For each regimen and draw, the sensitive clone's division flux ``b_S(t) S(t)`` is
+    recomputed from the simulated states (:meth:`TwinModel.clone_rates`, with the regimen's
+    analytic exposure), and :func:`emergence_times` draws new resistant lineages at rate
+    ``mu x flux``, each followed exactly while small and deterministically beyond
+    ``threshold`` cells. The resistant lineages' per-cell birth and death rates are the
+    time averages of the resistant clone's rates over the run (or of the sensitive clone
+    without drug effect when the model has no resistant clone) — an approximation, since
+    :func:`emergence_times` takes constant rates. One-way coupling: emerging lineages do not
+    feed back on the deterministic run (see ``docs/resistance.md``).
+
+    Parameters
+    ----------
+    result : the ``xarray.Dataset`` of :func:`twin.simulate.simulate` with pathway states.
+    model, parameters : the model and the per-draw parameters given to ``simulate``.
+    regimens : dict name -> Regimen, the same as given to ``simulate``.
+    mu : probability per sensitive division of a resistant daughter (scalar or per draw).
+    resistant_clone : which resistant clone's rates the new lineages take (default: the first).
+    n_replicates, seed, threshold : see :func:`emergence_times`.
+
+    Returns
+    -------
+    xarray.Dataset with dims (regimen, draw, replicate): ``emergence_time`` [day] (inf: none),
+    and (regimen, draw, time): ``p_resistance`` (fraction of replicates resistant by t),
+    plus ``p_resistance_pooled`` (regimen, time) with its binomial standard error.
+    """
+    import xarray as xr
+
+    from . import pk
+
+    times = np.asarray(result["time"].values, dtype=float)
+    names = [str(r) for r in result["regimen"].values]
+    if isinstance(regimens, dict):
+        regs = {str(k): v for k, v in regimens.items()}
+    else:
+        raise InputError("acquired_resistance: regimens must be the dict name -> Regimen given to simulate")
+    clones = list(model.clones)
+    c_res = clones.index(resistant_clone) if resistant_clone else (1 if len(clones) > 1 else 0)
+    root = np.random.SeedSequence(seed) if not isinstance(seed, np.random.SeedSequence) else seed
+    seeds = root.spawn(len(names))
+    emergence, p_draw, p_pool, p_se = [], [], [], []
+    for name, ss in zip(names, seeds):
+        y = _states(result, model, name)  # (D, T, S)
+        D, T, _ = y.shape
+        reg = regs[name]
+        nd = len(model.drugs)
+        expo = np.zeros((T, nd))
+        if len(reg):
+            ex = pk.exposure(reg, times=times, warn=False)
+            for j, d in enumerate(model.drugs):
+                if d in ex.inhibition:
+                    expo[:, j] = np.asarray(ex.inhibition[d], dtype=float)
+        params = {k: np.repeat(np.asarray(v, dtype=float).reshape(-1), T) if np.ndim(v) else np.full(D * T, float(v)) for k, v in parameters.items()}
+        division, loss = model.clone_rates(y.reshape(D * T, -1), params, np.tile(expo, (D, 1)))
+        division = division.numpy().reshape(D, T, -1)
+        loss = loss.numpy().reshape(D, T, -1)
+        sens = y[:, :, model.state_names.index("N_S")]
+        flux = np.nan_to_num(division[:, :, 0] * sens, nan=0.0)
+        b_r = np.nanmean(division[:, :, c_res], axis=1)
+        d_r = np.nanmean(loss[:, :, c_res], axis=1)
+        res = emergence_times(flux, times, mu, b_r, d_r, n_replicates=n_replicates, seed=ss, threshold=threshold)
+        emergence.append(res.emergence_time)
+        p_draw.append((res.emergence_time[:, :, None] <= times[None, None, :]).mean(axis=1))
+        hit = (res.emergence_time[:, :, None] <= times[None, None, :]).reshape(-1, T)
+        p = hit.mean(axis=0)
+        p_pool.append(p)
+        p_se.append(np.sqrt(p * (1 - p) / hit.shape[0]))
+    draw = result["draw"].values
+    return xr.Dataset(
+        {
+            "emergence_time": (("regimen", "draw", "replicate"), np.stack(emergence), {"units": "day", "description": "first resistant lineage reaches the threshold (inf: not by the horizon)"}),
+            "p_resistance": (("regimen", "draw", "time"), np.stack(p_draw), {"units": "1", "description": "fraction of replicates with acquired resistance by t"}),
+            "p_resistance_pooled": (("regimen", "time"), np.stack(p_pool), {"units": "1"}),
+            "p_resistance_se": (("regimen", "time"), np.stack(p_se), {"units": "1", "description": "binomial standard error of the pooled probability"}),
+        },
+        coords={"regimen": names, "draw": draw, "time": times, "replicate": np.arange(n_replicates)},
+        attrs={"mu": str(mu), "threshold": float(threshold), "seed": str(seed), "n_replicates": int(n_replicates),
+               "resistant_rates": "time averages of the resistant clone's division and loss rates over the run"},
+    )
