@@ -16,7 +16,11 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from . import datasets, importers
 from .errors import InputError, PatientFileError, Problem, TwinError
 from .graph import GraphError, PathwayGraph, list_pathways, load_pathway, read_pathway
+from .model import TwinModel
+from .observation import ErrorModel
 from .omics import OmicsPriors, omics_priors
+from .priors import sample_prior
+from .simulate import simulate
 from .io import load_cohort, load_patient, read_patient, save_patient, validate_patient
 from .patient import Cohort, Covariates, Omics, Patient
 from .regimen import Regimen
@@ -30,6 +34,8 @@ __all__ = [
     "__version__",
     "Cohort",
     "Covariates",
+    "ErrorModel",
+    "TwinModel",
     "GraphError",
     "OmicsPriors",
     "PathwayGraph",
@@ -49,6 +55,8 @@ __all__ = [
     "read_pathway",
     "load_patient",
     "read_patient",
+    "sample_prior",
     "save_patient",
+    "simulate",
     "validate_patient",
 ]
