@@ -17,6 +17,8 @@ See ``docs/outcomes.md``.
 from . import compare, outcomes
 from .policy import HOLD, TREAT, Bruchovsky, Continuous, DoseSkipping, Limited, Policy, PolicyState, RuleError, RulePolicy, Zhang, make_policy
 from .scenario import LIBRARY, Arm, OutcomeSpec, Scenario, ScenarioError, library_path, policy_doses
+from .run import PriorTwin, load_result, model_for_scenario, prior_twin, run_scenario, save_result
+from .report import write_report
 from .compare import compare_arms, predictive_check, prob_beats, virtual_trial
 from .outcomes import check_result, standard_outcomes, summarize, time_to_progression, time_to_resistance
 
@@ -36,6 +38,13 @@ from .protocol import (
 )
 
 __all__ = [
+    "PriorTwin",
+    "load_result",
+    "model_for_scenario",
+    "prior_twin",
+    "run_scenario",
+    "save_result",
+    "write_report",
     "HOLD",
     "LIBRARY",
     "TREAT",

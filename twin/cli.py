@@ -48,6 +48,132 @@ def _cmd_demo(args) -> int:
     return run_demo(output=Path(args.output), seed=args.seed, n_draws=args.draws)
 
 
+def _load_patient_or_exit(path: str):
+    from .io import read_patient
+
+    p = Path(path)
+    if p.suffix.lower() == ".nc":
+        raise InputError(
+            f"{path}: a twin file (.nc) is not accepted yet; calibrated twins arrive with `twin calibrate`. "
+            "For now give a patient file or folder: twin simulate builds its prior twin"
+        )
+    if not p.exists():
+        raise InputError(f"patient {path!r} does not exist; give a patient folder (with patient.toml) or a .json/.yaml file")
+    patient, problems = read_patient(p)
+    if patient is None:
+        for pr in problems.errors:
+            print(pr.format(), file=sys.stderr)
+        raise InputError(f"{path}: the patient file has {len(problems.errors)} error(s) (listed above); `twin validate {path}` shows them all")
+    return patient
+
+
+def _parse_days(text: str | None):
+    if text is None:
+        return None
+    from scenarios.policy import parse_duration
+
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    return parse_duration(value, "--horizon")
+
+
+def _progress_printer():
+    """(callback, close): a rich progress bar on a terminal, plain lines otherwise."""
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import Progress
+
+            bar = Progress(transient=True)
+            bar.start()
+            tasks: dict[str, int] = {}
+
+            def cb(info):
+                arm = str(info.get("arm"))
+                if arm not in tasks:
+                    tasks[arm] = bar.add_task(arm, total=info.get("steps", 1))
+                bar.update(tasks[arm], completed=info.get("step", 0), description=str(info.get("message", arm))[:70])
+
+            return cb, bar.stop
+        except ImportError:  # pragma: no cover
+            pass
+
+    def plain(info):
+        print(f"  {info.get('message', '')}", file=sys.stderr, flush=True)
+
+    return plain, lambda: None
+
+
+def _print_table(df) -> None:
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(df.to_string(index=False))
+        return
+    t = Table(title="Outcomes: median [90% interval] over draws")
+    for c in ("arm", "outcome", "median [90% interval]", "units"):
+        t.add_column(c)
+
+    def f(x):
+        x = float(x)
+        return "—" if x != x else ("∞" if x == float("inf") else f"{x:.3g}")
+
+    for _, r in df.iterrows():
+        t.add_row(*(escape(x) for x in (str(r["arm"]), str(r["outcome"]), f"{f(r['median'])} [{f(r['q05'])}, {f(r['q95'])}]", str(r["units"]))))
+    Console(width=120).print(t)
+
+
+def _cmd_simulate(args) -> int:
+    import time
+
+    from scenarios.run import model_for_scenario, outcome_table, prior_twin, run_scenario, save_result
+    from scenarios.scenario import Scenario
+
+    scen_path = Path(args.scenario)
+    if not scen_path.is_file():
+        raise InputError(f"scenario file {args.scenario!r} does not exist")
+    scenario = Scenario.from_toml(scen_path)
+    patient = _load_patient_or_exit(args.patient)
+    horizon = _parse_days(args.horizon)
+    if args.draws < 1:
+        raise InputError(f"--draws {args.draws}: give at least 1 draw")
+    model = model_for_scenario(scenario)
+    seed = scenario.seed if args.seed is None else args.seed
+    twin = prior_twin(patient, model, args.draws, seed=seed)
+    print(f"twin simulate: patient {patient.id}, scenario {scenario.name!r} ({len(scenario.arms)} arms), "
+          f"{args.draws} prior draws, horizon {horizon if horizon is not None else scenario.horizon:g} days", flush=True)
+    cb, close = _progress_printer()
+    t0 = time.perf_counter()
+    try:
+        result = run_scenario(twin, scenario, seed=seed, progress=cb, horizon=horizon, scenario_path=scen_path)
+    finally:
+        close()
+    files = save_result(result, args.output)
+    failed = int((result["status"].values != 0).sum())
+    print(f"simulated in {time.perf_counter() - t0:.1f} s ({failed} failed draw-arm runs)")
+    for line in str(result.attrs.get("notes", "")).splitlines():
+        if line.strip():
+            print(f"note: {line}")
+    _print_table(outcome_table(result))
+    print(f"wrote {files['trajectories']} and {files['outcomes']}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from scenarios.report import write_report
+    from scenarios.run import load_result
+
+    result = load_result(args.results)
+    observed = _load_patient_or_exit(args.observed) if args.observed else None
+    out = Path(args.output) if args.output else Path(args.results) / "report.html"
+    path = write_report(result, out, observed=observed, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -66,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
     d.add_argument("--draws", type=int, default=100, help="prior draws to simulate (default 100)")
     d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("simulate", help="simulate the arms of a scenario file for a patient's twin across its draws")
+    s.add_argument("patient", metavar="PATIENT", help="patient folder or .json/.yaml file (its prior twin is simulated; calibrated .twin.nc files arrive with `twin calibrate`)")
+    s.add_argument("scenario", metavar="SCENARIO", help="scenario file (.toml)")
+    s.add_argument("-o", "--output", required=True, help="folder for trajectories.nc and outcomes.csv")
+    s.add_argument("--draws", type=int, default=50, help="prior draws to simulate (default 50)")
+    s.add_argument("--seed", type=int, default=None, help="random seed (default: the scenario's seed)")
+    s.add_argument("--horizon", default=None, help="cut the scenario short: days or a duration such as '12 weeks' (default: the scenario's horizon)")
+    s.set_defaults(func=_cmd_simulate)
+
+    c = sub.add_parser("compare", help="write an HTML report comparing the arms of a simulated scenario")
+    c.add_argument("results", metavar="RESULTS", help="folder written by `twin simulate` (or its trajectories.nc)")
+    c.add_argument("--observed", metavar="PATIENT", default=None, help="patient whose measurements are drawn on the pictures")
+    c.add_argument("-o", "--output", default=None, help="report file (.html) or folder (default: RESULTS/report.html)")
+    c.add_argument("--title", default="What-if scenarios: treatment comparison", help="title of the report")
+    c.set_defaults(func=_cmd_compare)
     return parser
 
 
