@@ -24,7 +24,7 @@ import xarray as xr
 
 from twin.errors import InputError, close_matches
 
-from .outcomes import DIM_ARM, DIM_DRAW, DIM_REPLICATE, DIM_TIME, SAMPLE_DIMS, _interp_last, km_quantile
+from .outcomes import DIM_ARM, DIM_DRAW, DIM_REPLICATE, DIM_TIME, SAMPLE_DIMS, _interp_last, km_quantile, outcome_list
 
 __all__ = [
     "pair_scores",
@@ -192,12 +192,7 @@ def compare_arms(
     """:func:`prob_beats` for every outcome (one row per outcome; outcomes with an extra
     dim such as ``drug`` give one row per label; arm-level numbers such as a probability of
     resistance and response-class labels are skipped). Columns: ``COMPARE_COLUMNS``."""
-    if isinstance(outcomes, xr.DataArray):
-        items = [outcomes]
-    elif isinstance(outcomes, Mapping):
-        items = list(outcomes.values())
-    else:
-        items = list(outcomes)
+    items = outcome_list(outcomes)
     rows = []
     for da in items:
         if DIM_DRAW not in da.dims or da.dtype.kind in "OU":

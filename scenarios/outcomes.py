@@ -803,6 +803,15 @@ def _summ_rows(da: xr.DataArray) -> list[dict]:
     return rows
 
 
+def outcome_list(outcomes) -> list:
+    """Outcomes as a list of DataArrays, from one DataArray, a mapping or an iterable."""
+    if isinstance(outcomes, xr.DataArray):
+        return [outcomes]
+    if isinstance(outcomes, Mapping):
+        return list(outcomes.values())
+    return list(outcomes)
+
+
 def summarize(outcomes: xr.DataArray | Iterable[xr.DataArray] | Mapping[str, xr.DataArray]) -> pd.DataFrame:
     """Posterior median and 90 % interval per arm and outcome, as a tidy table.
 
@@ -813,12 +822,7 @@ def summarize(outcomes: xr.DataArray | Iterable[xr.DataArray] | Mapping[str, xr.
     without censoring they are the empirical quantiles. Outcomes with an extra dim (e.g.
     ``drug``) give one row per label, named ``outcome[label]``.
     """
-    if isinstance(outcomes, xr.DataArray):
-        items = [outcomes]
-    elif isinstance(outcomes, Mapping):
-        items = list(outcomes.values())
-    else:
-        items = list(outcomes)
+    items = outcome_list(outcomes)
     rows: list[dict] = []
     for da in items:
         if da.dtype.kind in "OU":  # response classes: not summarised here
