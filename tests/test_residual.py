@@ -293,3 +293,32 @@ def test_training_options_adjoint_batches_and_early_stop(reduced):
     f = lambda t: [0.5 if t < 1.0 else 0.0]  # noqa: E731
     loss = cohort_loss(reduced.with_residual(res), [({}, f, [0.0, 2.0], [6.9, 7.0])])
     assert math.isfinite(loss.item())
+
+
+def test_model_saved_and_loaded_with_its_residual(tmp_path):
+    """TwinModel.save/load round-trips the specification and the residual: identical vector field."""
+    import torch
+
+    from twin.graph import load_pathway
+    from twin.model import TwinModel
+    from twin.residual import NeuralResidual
+
+    base = TwinModel.from_graph(load_pathway("mapk_pi3k"), drugs=["dabrafenib", "trametinib"], mechanisms=["mek_mutation"], persisters=True)
+    res = NeuralResidual.for_model(base, seed=3)
+    res.reset_parameters(zero_last=False)  # a non-zero residual, so the test can fail
+    model = base.with_residual(res)
+    path = model.save(tmp_path / "m.json")
+    back = TwinModel.load(path)
+    assert back.spec() == model.spec()
+    assert back.residual is not None
+    p = model.parameter_tensors(model.default_values(), batch=4)
+    y = model.initial_state(p) * (1 + 0.01 * torch.arange(4, dtype=torch.float64)[:, None])
+    ex = torch.full((4, 2), 0.6, dtype=torch.float64)
+    with torch.no_grad():
+        a = model.vector_field(0.0, y, p, ex)
+        b = back.vector_field(0.0, y, back.parameter_tensors(back.default_values(), batch=4), ex)
+        c = base.vector_field(0.0, y, p, ex)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    plain = base.save(tmp_path / "plain.json")
+    assert TwinModel.load(plain).residual is None

@@ -168,6 +168,81 @@ class TwinModel:
         object.__setattr__(self, "_params", tuple(self._build_params()))
         return self
 
+    # ------------------------------------------------------------------ specification, files
+    def spec(self) -> dict:
+        """The model as plain, JSON-serialisable data: the graph (its JSON document), drugs
+        with the PK/potency values actually used, mechanisms, growth, persisters, pathway.
+        :meth:`from_spec` rebuilds an identical model (the neural residual is saved beside
+        it by :meth:`save`)."""
+        import dataclasses
+
+        def num(v):
+            return None if v is None else float(v)
+
+        return {
+            "format": "twin-model",
+            "version": 1,
+            "graph": self.graph.to_dict() if self.graph is not None else None,
+            "drugs": list(self.drugs),
+            "drug_pk": {
+                d: {"pk": {k: num(getattr(pk, k)) for k in ("cl", "v", "q", "v2", "ka", "f")}, "potency": {k: num(getattr(pot, k)) for k in ("ic50", "hill", "imax")}}
+                for d, (pk, pot) in self.drug_pk.items()
+            },
+            "mechanisms": [dataclasses.asdict(m) | {"drugs": list(m.drugs)} for m in self.mechanisms],
+            "growth": self.growth,
+            "persisters": self.persisters,
+            "pathway": self.pathway,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> "TwinModel":
+        """Rebuild a model from :meth:`spec` output (e.g. read from a twin file)."""
+        from .graph import graph_from_dict
+        from .pk import Potency, PKParams
+
+        if spec.get("format") != "twin-model" or spec.get("version") != 1:
+            raise InputError(f"not a twin model specification (format {spec.get('format')!r}, version {spec.get('version')!r}); expected format 'twin-model', version 1")
+        graph = graph_from_dict(spec["graph"], source="model specification") if spec.get("graph") else None
+        drug_params = {d: (PKParams(**v["pk"]), Potency(**v["potency"])) for d, v in spec.get("drug_pk", {}).items()}
+        mechs = [Mechanism(m["name"], tuple(m["drugs"]), m.get("reference", "")) for m in spec.get("mechanisms", [])]
+        return cls.from_graph(graph, drugs=spec["drugs"], mechanisms=mechs, growth=spec["growth"], persisters=spec["persisters"], pathway=spec["pathway"], drug_params=drug_params)
+
+    def save(self, path) -> "Path":
+        """Write ``path`` (JSON specification) and, with a neural residual, its weights beside
+        it (``<stem>.residual.pt`` + ``.json``, see :meth:`NeuralResidual.save`). Atomic."""
+        import json
+        from pathlib import Path
+
+        from ._atomic import atomic_write_text
+
+        path = Path(path)
+        spec = self.spec()
+        if self.residual is not None:
+            res_base = path.with_name(path.stem + ".residual")
+            self.residual.save(res_base)
+            spec["residual"] = res_base.name
+        atomic_write_text(path, json.dumps(spec, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path) -> "TwinModel":
+        """Read a model written by :meth:`save` (and its residual, if one was saved)."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read the model specification ({exc}); expected a JSON file written by TwinModel.save") from None
+        model = cls.from_spec(spec)
+        if spec.get("residual"):
+            from .residual import NeuralResidual
+
+            name = Path(spec["residual"]).name  # never follow a path out of the folder
+            model = model.with_residual(NeuralResidual.load(path.with_name(name)))
+        return model
+
     # ------------------------------------------------------------------ neural residual
     def with_residual(self, residual) -> "TwinModel":
         """A copy of this model whose vector field adds the bounded neural term
@@ -244,11 +319,11 @@ class TwinModel:
 
     @property
     def observable_names(self) -> tuple[str, ...]:
-        return ("tumor_volume", "total_cells") + (("psa",) if self.has_psa else ())
+        return ("tumor_volume", "sld", "total_cells") + (("psa",) if self.has_psa else ())
 
     @property
     def observable_units(self) -> dict[str, str]:
-        return {"tumor_volume": "mm3", "total_cells": "cells", "psa": "ng/mL"}
+        return {"tumor_volume": "mm3", "sld": "mm", "total_cells": "cells", "psa": "ng/mL"}
 
     # ------------------------------------------------------------------ parameters
     def _build_params(self) -> list[_Param]:
@@ -620,11 +695,14 @@ class TwinModel:
     # ------------------------------------------------------------------ observables
     def observe(self, y) -> dict:
         """Observables from states (..., n_states) numpy: tumor_volume [mm3] = cells x
-        1e-6 mm3/cell, total_cells [cells], psa [ng/mL] (the PSA state)."""
+        1e-6 mm3/cell, sld [mm] (sphere-equivalent diameter, :mod:`twin.observation`),
+        total_cells [cells], psa [ng/mL] (the PSA state)."""
         y = np.asarray(y)
         C, N = len(self.clones), len(self._nodes)
         cells = y[..., C * N: C * N + len(self.compartments)].sum(-1)
-        out = {"tumor_volume": cells * CELL_VOLUME_MM3, "total_cells": cells}
+        from .observation import observe_from_cells
+
+        out = {"tumor_volume": cells * CELL_VOLUME_MM3, "sld": observe_from_cells(cells, "sld"), "total_cells": cells}
         if self.has_psa:
             out["psa"] = y[..., -1]
         return out
