@@ -214,8 +214,10 @@ def test_dataset_layout_units_and_parameter_inputs(mapk):
         simulate(mapk, {}, regs, [0.0, 2.0, 1.0])
 
 
-def test_python_blocks_in_docs_model_md_run():
+def test_python_blocks_in_docs_model_md_run(tmp_path, monkeypatch):
     import re
+
+    monkeypatch.chdir(tmp_path)  # the examples write files (e.g. a saved residual)
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text(encoding="utf-8")
@@ -224,3 +226,79 @@ def test_python_blocks_in_docs_model_md_run():
     ns: dict = {}
     for b in blocks:
         exec(compile(b, "docs/model.md", "exec"), ns)
+
+
+# ---------------------------------------------------------------- closed-form PK carried across segments
+def _brute_superposition(params, tab, times):
+    """Sum of single-dose concentrations: the definition of linear PK."""
+    out = np.zeros(len(times))
+    for i in range(len(tab)):
+        one = pk.DoseTable(tab.time[i:i + 1], tab.amount[i:i + 1], tab.route[i:i + 1], tab.duration[i:i + 1])
+        out = out + pk.concentration(params, one, times)
+    return out
+
+
+def test_pk_scan_segment_equals_the_superposition_over_past_doses():
+    rng = np.random.default_rng(3)
+    n = 60
+    t = np.sort(rng.uniform(0, 30, n))
+    route = rng.choice(np.array(["oral", "iv", "sc"], dtype=object), n)
+    dur = np.where(rng.uniform(size=n) < 0.3, rng.uniform(0.01, 0.5, n), 0.0)
+    tab = pk.DoseTable(t, rng.uniform(1, 100, n), route, dur)
+    for params in (pk.PKParams(cl=784.3, v=66.8, ka=12.0, f=0.95),  # dabrafenib-like, 1 compartment
+                   pk.PKParams(cl=84.8, v=154.1, q=1036.8, v2=409.0, ka=49.2, f=0.72)):  # trametinib-like
+        scan = pk.pk_scan(params, tab)
+        ev = pk.event_times(tab)
+        assert scan.segment(float(ev[0]) - 1e-3) is None
+        for a, b in zip(ev[:-1], ev[1:]):
+            ts = a + (b - a) * np.array([0.0, 0.1, 0.3, 0.5, 0.8, 8 / 9, 1.0])
+            seg = scan.segment(float(a))(ts)
+            k = int(np.searchsorted(tab.time, a, side="right"))
+            sub = pk.DoseTable(tab.time[:k], tab.amount[:k], tab.route[:k], tab.duration[:k])
+            ref = pk.concentration(params, sub, ts)
+            brute = _brute_superposition(params, sub, ts)
+            scale = np.abs(brute).max()
+            np.testing.assert_allclose(seg, ref, rtol=1e-12, atol=1e-12 * scale)
+            np.testing.assert_allclose(seg, brute, rtol=1e-12, atol=1e-12 * scale)
+        # the scan's concentration is pk.concentration (any times, also before the first dose)
+        tt = np.linspace(-1, 31, 97)
+        np.testing.assert_allclose(scan.concentration(tt), _brute_superposition(params, tab, tt), rtol=1e-12, atol=1e-15)
+
+
+def test_simulate_exposure_is_exact_against_the_old_superposition(mapk):
+    from twin.simulate import _Exposure
+
+    ex = _Exposure(mapk, braf_mek(20))
+    stops = ex.event_times()
+    for a, b in zip(stops[:-1], stops[1:]):
+        ts = a + (b - a) * np.array([0.0, 0.2, 0.3, 0.8, 8 / 9, 1.0])
+        new, dosed = ex.segment(float(a))
+        old, dosed_old = ex.segment_superposition(float(a))
+        assert dosed == dosed_old
+        np.testing.assert_allclose(new(ts), old(ts), rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------- per-member step sizes
+def test_a_member_does_not_depend_on_its_batch(mapk):
+    reg = {"bm": braf_mek(4)}
+    t = np.arange(0, 4.0, 0.5)
+    many = {"r_max": np.array([0.05, 0.1, 0.3]), "tau": np.array([0.02, 0.1, 0.4]), "w": np.array([1.0, 1.5, 2.5])}
+    ds = simulate(mapk, many, reg, t)
+    for i in range(3):
+        one = simulate(mapk, {k: v[i:i + 1] for k, v in many.items()}, reg, t)
+        for s in ("N_S", "x_S_ERK", "N_R_mek_mutation"):
+            np.testing.assert_allclose(ds[s].isel(draw=i).values, one[s].isel(draw=0).values, rtol=1e-12)
+
+
+def test_member_and_shared_stepping_agree_to_the_tolerance(mapk, monkeypatch):
+    import importlib
+
+    S = importlib.import_module("twin.simulate")  # the module (twin.simulate the attribute is the function)
+    reg = {"bm": braf_mek(3), "none": Regimen.empty()}
+    t = np.arange(0, 3.0, 0.5)
+    pars = {"r_max": np.array([0.05, 0.2]), "tau": np.array([0.03, 0.2])}
+    a = simulate(mapk, pars, reg, t, rtol=1e-9)
+    monkeypatch.setattr(S, "_STEPPING", "shared")
+    b = simulate(mapk, pars, reg, t, rtol=1e-9)
+    for s in mapk.state_names:
+        np.testing.assert_allclose(a[s].values, b[s].values, rtol=1e-6, atol=1e-9)
