@@ -291,7 +291,9 @@ _PI_BETA = 0.04
 _PI_ALPHA = 0.2 - 0.75 * _PI_BETA
 
 
-def _integrate_group(model, p, y0, times, exposure: _Exposure, *, rtol, atol, min_step, max_steps):
+def _group_setup(y0, times, exposure: _Exposure):
+    """What both integrators start from: observation grid, PK event times inside it, all
+    stops, output buffers and the members whose initial state is not finite (status 3)."""
     import torch
 
     B, n = y0.shape
@@ -309,6 +311,14 @@ def _integrate_group(model, p, y0, times, exposure: _Exposure, *, rtol, atol, mi
     bad0 = ~torch.isfinite(y).all(-1)
     for b in torch.nonzero(bad0).flatten().tolist():
         status[b], messages[b] = 3, "non-finite initial state (check N0, K and the resistant fractions)"
+    return t_obs, t0, t_end, pk_events, stops, obs_index, out, status, messages, y, bad0
+
+
+def _integrate_group(model, p, y0, times, exposure: _Exposure, *, rtol, atol, min_step, max_steps):
+    import torch
+
+    B, n = y0.shape
+    t_obs, t0, t_end, pk_events, stops, obs_index, out, status, messages, y, bad0 = _group_setup(y0, times, exposure)
     active = ~bad0
     all_active = not bool(bad0.any())
     out[:, 0] = y.numpy()
@@ -449,20 +459,7 @@ def _integrate_group_member(model, p, y0, times, exposure: _Exposure, *, rtol, a
     import torch
 
     B, n = y0.shape
-    t_obs = np.asarray(times, dtype=np.float64)
-    t0, t_end = float(t_obs[0]), float(t_obs[-1])
-    ev = exposure.event_times()
-    ev = ev[(ev > t0) & (ev < t_end)]
-    pk_events = set(float(x) for x in ev)
-    stops = np.unique(np.concatenate([t_obs, ev]))
-    obs_index = {float(t): i for i, t in enumerate(t_obs)}
-    out = np.full((B, len(t_obs), n), np.nan)
-    status = np.zeros(B, dtype=np.int64)
-    messages = [""] * B
-    y = y0.clone()
-    bad0 = ~torch.isfinite(y).all(-1)
-    for b in torch.nonzero(bad0).flatten().tolist():
-        status[b], messages[b] = 3, "non-finite initial state (check N0, K and the resistant fractions)"
+    t_obs, t0, t_end, pk_events, stops, obs_index, out, status, messages, y, bad0 = _group_setup(y0, times, exposure)
     alive = ~bad0
     out[:, 0] = y.numpy()
     nd = len(model.drugs)
