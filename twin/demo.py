@@ -126,7 +126,7 @@ def run_demo(output: Path, seed: int = 2026, n_draws: int = 100, horizon: float 
     pdx = cohorts[1][1][DEMO_PDX]
     print(f"\n2. The prior twin of PDX {pdx.id} ({pdx.labels.get('tissue_name', '')}) built from its omics\n")
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True):  # imputed-dose warnings are printed as notes below
         warnings.simplefilter("always")
         model, op, result = build_pdx_twin(pdx, n_draws=n_draws, seed=seed, horizon=horizon)
     elapsed = time.perf_counter() - t0
