@@ -63,75 +63,16 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------
-# array namespaces: the few elementwise primitives a vector field may use
-# ----------------------------------------------------------------------------------------
-class _NumpyXP:
-    name = "numpy"
-    exp = staticmethod(np.exp)
-    log = staticmethod(np.log)
-    sqrt = staticmethod(np.sqrt)
-    abs = staticmethod(np.abs)
-    maximum = staticmethod(np.maximum)
-    minimum = staticmethod(np.minimum)
-
-    @staticmethod
-    def where(c, a, b):
-        return np.where(c, a, b)
-
-    @staticmethod
-    def sigmoid(x):
-        e = np.exp(-np.abs(x))
-        return np.where(np.asarray(x) >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+# array namespaces: the one set lives in twin._xp (twin's vector field is written against it)
+from twin._xp import NUMPY, pytensor_namespace, torch_namespace  # noqa: E402
 
 
-class _TorchXP:
-    name = "torch"
-
-    def __init__(self):
-        import torch
-
-        self.torch = torch
-        self.exp, self.log, self.sqrt, self.abs = torch.exp, torch.log, torch.sqrt, torch.abs
-        self.sigmoid = torch.sigmoid
-
-    def _t(self, x, like=None):
-        t = self.torch
-        if isinstance(x, t.Tensor):
-            return x
-        return t.as_tensor(x, dtype=t.float64, device=None if like is None else like.device)
-
-    def maximum(self, a, b):
-        return self.torch.maximum(self._t(a), self._t(b))
-
-    def minimum(self, a, b):
-        return self.torch.minimum(self._t(a), self._t(b))
-
-    def where(self, c, a, b):
-        return self.torch.where(self._t(c), self._t(a), self._t(b))
+class _LazyPytensor:
+    def __getattr__(self, name):
+        return getattr(pytensor_namespace(), name)
 
 
-class _PytensorXP:
-    name = "pytensor"
-
-    def __init__(self):
-        import pytensor.tensor as pt
-
-        self.pt = pt
-        self.exp, self.log, self.sqrt, self.abs = pt.exp, pt.log, pt.sqrt, pt.abs
-        self.maximum, self.minimum, self.sigmoid = pt.maximum, pt.minimum, pt.sigmoid
-
-    def where(self, c, a, b):
-        return self.pt.where(c, a, b)
-
-
-NUMPY = _NumpyXP()
-PYTENSOR = _PytensorXP()
-
-
-def torch_namespace():
-    """The torch namespace (imports torch on first use)."""
-    return _TorchXP()
+PYTENSOR = _LazyPytensor()
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,10 +148,47 @@ def _symbolic(model: ODEModel):
     return inputs, dy, jy, jt
 
 
-def _codegen(inputs, outputs, fname: str):
-    """njit function ``fname(t, s, y, th, w, *outs)`` computing 0-d graph outputs.
+_INFIX = {"Add": "+", "Mul": "*", "Sub": "-", "TrueDiv": "/", "GT": ">", "GE": ">=", "LT": "<", "LE": "<=", "EQ": "==", "NEQ": "!="}
+_CALL = {"Exp": "math.exp", "Log": "math.log", "Log1p": "math.log1p", "Expm1": "math.expm1", "Sqrt": "math.sqrt",
+         "Tanh": "math.tanh", "Abs": "abs", "Sigmoid": "_sigmoid", "Softplus": "_softplus", "Maximum": "max",
+         "ScalarMaximum": "max", "Minimum": "min", "ScalarMinimum": "min", "Cos": "math.cos", "Sin": "math.sin"}
 
-    ``outputs``: list of (0-d variable, target expression such as ``"of[0]"``).
+
+def _expression(op_name: str, args: list[str]) -> str | None:
+    """Python source of one scalar op applied to ``args`` (None: not a known op)."""
+    if op_name in _INFIX:
+        return "(" + f" {_INFIX[op_name]} ".join(args) + ")"
+    if op_name in _CALL:
+        return f"{_CALL[op_name]}({', '.join(args)})"
+    if op_name == "Neg":
+        return f"(-{args[0]})"
+    if op_name == "Sqr":
+        return f"({args[0]} * {args[0]})"
+    if op_name == "Pow":
+        return f"({args[0]} ** {args[1]})"
+    if op_name == "Reciprocal":
+        return f"(1.0 / {args[0]})"
+    if op_name == "Switch":
+        return f"({args[1]} if {args[0]} else {args[2]})"
+    if op_name in ("Identity", "Cast"):
+        return f"(1.0 * {args[0]})" if op_name == "Cast" else args[0]
+    if op_name == "Second":
+        return args[1]
+    if op_name == "AND":
+        return f"({args[0]} and {args[1]})"
+    if op_name == "OR":
+        return f"({args[0]} or {args[1]})"
+    return None
+
+
+def _codegen(inputs, outputs, fname: str):
+    """Source of a function ``fname(t, s, y, th, w, *outs)`` computing 0-d graph outputs.
+
+    ``outputs``: list of (0-d variable, target expression such as ``"of[0]"``). Each
+    scalar op becomes a Python expression (``math.exp``, ``+``, ...), so the source is
+    self-contained and numba can cache it on disk; an op without a translation uses
+    PyTensor's own numba implementation (then the module is not cacheable).
+    Returns ``(source, env)`` with ``env`` the non-translatable ops (empty when pure).
     """
     from pytensor.graph.basic import Constant
     from pytensor.graph.fg import FunctionGraph
@@ -223,7 +201,7 @@ def _codegen(inputs, outputs, fname: str):
     outs = rewrite_graph([o for o, _ in outputs], include=("canonicalize", "stabilize", "specialize"))
     fg = FunctionGraph(in_vars, list(outs), clone=False)
     names = {v: name for v, name in inputs}
-    env = {"math": math, "np": np}
+    env = {}
     lines = []
     counter = itertools.count()
 
@@ -242,17 +220,20 @@ def _codegen(inputs, outputs, fname: str):
             raise NotImplementedError(
                 f"vector field must be elementwise on scalars; got {op} on ndim {[i.ndim for i in node.inputs]}"
             )
-        scalar_node = op.scalar_op.make_node(*[get_scalar_type(dtype=i.dtype)() for i in node.inputs])
         k = next(counter)
-        env[f"_op{k}"] = numba_funcify(op.scalar_op, node=scalar_node)
+        args = [ref(i) for i in node.inputs]
+        expr = _expression(type(op.scalar_op).__name__, args)
+        if expr is None:
+            scalar_node = op.scalar_op.make_node(*[get_scalar_type(dtype=i.dtype)() for i in node.inputs])
+            env[f"_op{k}"] = numba_funcify(op.scalar_op, node=scalar_node)
+            expr = f"_op{k}({', '.join(args)})"
         names[node.outputs[0]] = f"v{k}"
-        lines.append(f"    v{k} = _op{k}({', '.join(ref(i) for i in node.inputs)})")
+        lines.append(f"    v{k} = {expr}")
     for (_, target), o in zip(outputs, fg.outputs):
         lines.append(f"    {target} = {ref(o)}")
     targets = list(dict.fromkeys(tg.split("[")[0] for _, tg in outputs))
-    src = f"def {fname}(t, s, y, th, w, {', '.join(targets)}):\n" + "\n".join(lines or ["    pass"]) + "\n"
-    exec(compile(src, f"<twin-engine {fname}>", "exec"), env)
-    return numba.njit(env[fname], cache=False), src
+    src = f"@numba.njit(cache=_CACHE)\ndef {fname}(t, s, y, th, w, {', '.join(targets)}):\n" + "\n".join(lines or ["    pass"]) + "\n"
+    return src, env
 
 
 # Dormand–Prince 5(4) tableau (Hairer, Nørsett & Wanner; FSAL)
@@ -266,103 +247,232 @@ _A[5, :5] = [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]
 _A[6, :6] = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]
 _E = np.array([71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40])
 
+# The generated module: scalar helpers, the model's kernels (inserted), the augmented
+# right-hand sides and the adaptive DP5(4) solver (one copy per augmented rhs).
+_PRELUDE = """\
+# generated by calibration._engine — one ODE model's compiled kernels (do not edit)
+import math
 
-def _make_solver(aug_rhs, n_aug: int):
-    """njit adaptive DP5(4) over segments; ``aug_rhs(t, s, z, th, w, dz)``."""
-    C, A, E = _C, _A, _E
+import numba
+import numpy as np
 
-    @numba.njit(cache=False)
-    def solve(th, z0, boundaries, wseg, obs_times, rtol, atol, max_steps, h_init):
-        T = obs_times.shape[0]
-        out = np.full((T, n_aug), np.nan)
-        z = z0.copy()
-        K = np.zeros((7, n_aug))
-        znew = np.empty(n_aug)
-        ztmp = np.empty(n_aug)
-        nseg = boundaries.shape[0] - 1
-        io = 0
-        while io < T and obs_times[io] <= boundaries[0]:
-            out[io, :] = z
-            io += 1
-        h = h_init
-        nsteps = 0
-        nfev = 0
-        for k in range(nseg):
-            t0 = boundaries[k]
-            t1 = boundaries[k + 1]
-            w = wseg[k]
-            t = t0
-            aug_rhs(t, 0.0, z, th, w, K[0])
-            nfev += 1
-            while True:
-                target = t1
-                if io < T and obs_times[io] < t1:
-                    target = obs_times[io]
-                # integrate t -> target
-                while t < target:
-                    if nsteps >= max_steps:
-                        return out, 1, nsteps, nfev
-                    hs = h
-                    last = False
-                    if t + hs >= target - 1e-12 * max(1.0, abs(target)):
-                        hs = target - t
-                        last = True
-                    for st in range(1, 7):
-                        for i in range(n_aug):
-                            acc = 0.0
-                            for j in range(st):
-                                acc += A[st, j] * K[j, i]
-                            ztmp[i] = z[i] + hs * acc
-                        tt = t + C[st] * hs
-                        if st == 6:
-                            tt = t + hs
-                            for i in range(n_aug):
-                                znew[i] = ztmp[i]
-                        aug_rhs(tt, tt - t0, ztmp, th, w, K[st])
-                    nfev += 6
-                    err = 0.0
+_CACHE = {cache}
+N = {n}
+P = {p}
+PN = {P}
+DP_C = np.array({C})
+DP_A = np.array({A})
+DP_E = np.array({E})
+
+
+@numba.njit(cache=_CACHE)
+def _sigmoid(x):
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+@numba.njit(cache=_CACHE)
+def _softplus(x):
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+"""
+
+_AUG = """
+@numba.njit(cache=_CACHE)
+def aug_sens(t, s, z, th, w, dz):
+    f = np.empty(N)
+    jy_ = np.empty((N, N))
+    jt_ = np.empty((N, max(P, 1)))
+    fused_f_jac(t, s, z[:N], th, w, f, jy_, jt_)
+    for i in range(N):
+        dz[i] = f[i]
+    # S[k, q] stored at z[N + k * PN + q]
+    for i in range(N):
+        for q in range(PN):
+            acc = jt_[i, q] if q < P else 0.0
+            for k in range(N):
+                acc += jy_[i, k] * z[N + k * PN + q]
+            dz[N + i * PN + q] = acc
+
+
+@numba.njit(cache=_CACHE)
+def aug_plain(t, s, z, th, w, dz):
+    rhs_only(t, s, z, th, w, dz)
+
+"""
+
+_SOLVER = """
+@numba.njit(cache=_CACHE)
+def {name}(th, z0, boundaries, wseg, obs_times, rtol, atol, max_steps, h_init):
+    n_aug = z0.shape[0]
+    T = obs_times.shape[0]
+    out = np.full((T, n_aug), np.nan)
+    z = z0.copy()
+    K = np.zeros((7, n_aug))
+    znew = np.empty(n_aug)
+    ztmp = np.empty(n_aug)
+    nseg = boundaries.shape[0] - 1
+    io = 0
+    while io < T and obs_times[io] <= boundaries[0]:
+        out[io, :] = z
+        io += 1
+    h = h_init
+    nsteps = 0
+    nfev = 0
+    for k in range(nseg):
+        t0 = boundaries[k]
+        t1 = boundaries[k + 1]
+        w = wseg[k]
+        t = t0
+        {aug}(t, 0.0, z, th, w, K[0])
+        nfev += 1
+        while True:
+            target = t1
+            if io < T and obs_times[io] < t1:
+                target = obs_times[io]
+            while t < target:
+                if nsteps >= max_steps:
+                    return out, 1, nsteps, nfev
+                hs = h
+                last = False
+                if t + hs >= target - 1e-12 * max(1.0, abs(target)):
+                    hs = target - t
+                    last = True
+                for st in range(1, 7):
                     for i in range(n_aug):
-                        e = 0.0
-                        for j in range(7):
-                            e += E[j] * K[j, i]
-                        sc = atol + rtol * max(abs(z[i]), abs(znew[i]))
-                        q = hs * e / sc
-                        err += q * q
-                    err = math.sqrt(err / n_aug)
-                    nsteps += 1
-                    if not math.isfinite(err):
-                        if hs < 1e-12:
-                            return out, 2, nsteps, nfev
-                        h = hs * 0.2
-                        continue
-                    if err <= 1.0:
-                        fac = 5.0 if err == 0.0 else min(5.0, max(0.2, 0.9 * err ** -0.2))
-                        t = target if last else t + hs
+                        acc = 0.0
+                        for j in range(st):
+                            acc += DP_A[st, j] * K[j, i]
+                        ztmp[i] = z[i] + hs * acc
+                    tt = t + DP_C[st] * hs
+                    if st == 6:
+                        tt = t + hs
                         for i in range(n_aug):
-                            z[i] = znew[i]
-                            K[0, i] = K[6, i]
-                        if not last or fac < 1.0:
-                            h = hs * fac
-                        else:
-                            h = max(h, hs * fac)
+                            znew[i] = ztmp[i]
+                    {aug}(tt, tt - t0, ztmp, th, w, K[st])
+                nfev += 6
+                err = 0.0
+                for i in range(n_aug):
+                    e = 0.0
+                    for j in range(7):
+                        e += DP_E[j] * K[j, i]
+                    sc = atol + rtol * max(abs(z[i]), abs(znew[i]))
+                    q = hs * e / sc
+                    err += q * q
+                err = math.sqrt(err / n_aug)
+                nsteps += 1
+                if not math.isfinite(err):
+                    if hs < 1e-12:
+                        return out, 2, nsteps, nfev
+                    h = hs * 0.2
+                    continue
+                if err <= 1.0:
+                    fac = 5.0 if err == 0.0 else min(5.0, max(0.2, 0.9 * err ** -0.2))
+                    t = target if last else t + hs
+                    for i in range(n_aug):
+                        z[i] = znew[i]
+                        K[0, i] = K[6, i]
+                    if not last or fac < 1.0:
+                        h = hs * fac
                     else:
-                        h = hs * max(0.2, 0.9 * err ** -0.2)
-                if target < t1:
-                    while io < T and obs_times[io] <= target:
-                        out[io, :] = z
-                        io += 1
+                        h = max(h, hs * fac)
                 else:
-                    while io < T and obs_times[io] <= t1:
-                        out[io, :] = z
-                        io += 1
-                    break
-        return out, 0, nsteps, nfev
+                    h = hs * max(0.2, 0.9 * err ** -0.2)
+            if target < t1:
+                while io < T and obs_times[io] <= target:
+                    out[io, :] = z
+                    io += 1
+            else:
+                while io < T and obs_times[io] <= t1:
+                    out[io, :] = z
+                    io += 1
+                break
+    return out, 0, nsteps, nfev
 
-    return solve
+"""
+
+_WITH_SENS = """
+@numba.njit(cache=_CACHE)
+def solve_with_sens(th, y0, boundaries, wseg, obs_times, rtol, atol, max_steps):
+    z0 = np.zeros(N + N * PN)
+    for i in range(N):
+        z0[i] = y0[i]
+        z0[N + i * PN + P + i] = 1.0
+    out, status, nsteps, nfev = solve_sens(th, z0, boundaries, wseg, obs_times, rtol, atol, max_steps, 1e-2)
+    T = obs_times.shape[0]
+    Y = np.empty((T, N))
+    S = np.empty((T, N, PN))
+    for it in range(T):
+        for i in range(N):
+            Y[it, i] = out[it, i]
+            for q in range(PN):
+                S[it, i, q] = out[it, N + i * PN + q]
+    if status != 0:
+        Y[:] = np.nan
+        S[:] = np.nan
+    return Y, S, status, nsteps, nfev
+"""
+
+
+def cache_dir() -> "Path":
+    """Where generated kernels (and numba's cache of them) live: ``$TWIN_CACHE_DIR/engine``
+    or ``~/.cache/twin/engine``. Delete it freely; it is rebuilt on demand."""
+    import os
+    from pathlib import Path
+
+    base = os.environ.get("TWIN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "twin")
+    return Path(base) / "engine"
+
+
+def _module_source(kernels: str, n: int, p: int, cache: bool) -> str:
+    head = _PRELUDE.format(cache=cache, n=n, p=p, P=p + n, C=_C.tolist(), A=_A.tolist(), E=_E.tolist())
+    return head + kernels + _AUG + _SOLVER.format(name="solve_sens", aug="aug_sens") + _SOLVER.format(name="solve_plain", aug="aug_plain") + _WITH_SENS
+
+
+def _load_module(src: str, env: dict):
+    """Import the generated source: from a file in :func:`cache_dir` (numba caches the
+    machine code next to it) when it is self-contained, else executed in memory."""
+    import hashlib
+    import importlib.util
+    import sys
+
+    from twin._atomic import atomic_write_text
+
+    key = hashlib.sha256((src + numba.__version__).encode()).hexdigest()[:24]
+    name = f"twin_engine_{key}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if env:  # not cacheable: exec in memory with PyTensor's op implementations
+        import types
+
+        mod = types.ModuleType(name)
+        mod.__dict__.update(env)
+        exec(compile(src.replace("_CACHE = True", "_CACHE = False"), f"<{name}>", "exec"), mod.__dict__)
+        sys.modules[name] = mod
+        return mod
+    path = cache_dir() / f"{name}.py"
+    try:
+        if not path.is_file() or path.read_text() != src:
+            atomic_write_text(path, src)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    except OSError:  # read-only home: compile in memory without a disk cache
+        sys.modules.pop(name, None)
+        return _load_module(src, {"_uncached": True})
 
 
 class CompiledODE:
-    """Numba kernels for one :class:`ODEModel`: vector field, Jacobians and solvers."""
+    """Numba kernels for one :class:`ODEModel`: vector field, Jacobians and solvers.
+
+    The kernels are generated as the source of one module, written to :func:`cache_dir`
+    under the hash of its text and imported from there, so numba's on-disk cache makes a
+    second process (a test run, a cohort worker, the CLI) skip compilation.
+    """
 
     def __init__(self, model: ODEModel):
         self.model = model
@@ -373,55 +483,22 @@ class CompiledODE:
         fused_outputs = [(d, f"of[{i}]") for i, d in enumerate(dy)]
         fused_outputs += [(jy[i][k], f"ojy[{i}, {k}]") for i in range(n) for k in range(n)]
         fused_outputs += [(jt[i][j], f"ojt[{i}, {j}]") for i in range(n) for j in range(p)]
-        self.fused, self.fused_src = _codegen(inputs, fused_outputs, "fused_f_jac")
-        self.rhs_nb, self.rhs_src = _codegen(inputs, [(d, f"of[{i}]") for i, d in enumerate(dy)], "rhs_only")
-        fused, rhs_nb = self.fused, self.rhs_nb
-
-        @numba.njit(cache=False)
-        def aug_sens(t, s, z, th, w, dz):
-            f = np.empty(n)
-            jy_ = np.empty((n, n))
-            jt_ = np.empty((n, p))
-            fused(t, s, z[:n], th, w, f, jy_, jt_)
-            for i in range(n):
-                dz[i] = f[i]
-            # S[k, q] stored at z[n + k * P + q]
-            for i in range(n):
-                for q in range(P):
-                    acc = jt_[i, q] if q < p else 0.0
-                    for k in range(n):
-                        acc += jy_[i, k] * z[n + k * P + q]
-                    dz[n + i * P + q] = acc
-
-        @numba.njit(cache=False)
-        def aug_plain(t, s, z, th, w, dz):
-            rhs_nb(t, s, z, th, w, dz)
-
-        self._solve_sens = _make_solver(aug_sens, n + n * P)
-        self._solve_plain = _make_solver(aug_plain, n)
-        solve_sens = self._solve_sens
-
-        @numba.njit(cache=False)
-        def solve_with_sens(th, y0, boundaries, wseg, obs_times, rtol, atol, max_steps):
-            z0 = np.zeros(n + n * P)
-            for i in range(n):
-                z0[i] = y0[i]
-                z0[n + i * P + p + i] = 1.0
-            out, status, nsteps, nfev = solve_sens(th, z0, boundaries, wseg, obs_times, rtol, atol, max_steps, 1e-2)
-            T = obs_times.shape[0]
-            Y = np.empty((T, n))
-            S = np.empty((T, n, P))
-            for it in range(T):
-                for i in range(n):
-                    Y[it, i] = out[it, i]
-                    for q in range(P):
-                        S[it, i, q] = out[it, n + i * P + q]
-            if status != 0:
-                Y[:] = np.nan
-                S[:] = np.nan
-            return Y, S, status, nsteps, nfev
-
-        self.solve_with_sens = solve_with_sens
+        fused_src, env1 = _codegen(inputs, fused_outputs, "fused_f_jac")
+        rhs_src, env2 = _codegen(inputs, [(d, f"of[{i}]") for i, d in enumerate(dy)], "rhs_only")
+        env = {**{f"fused_{k}": v for k, v in env1.items()}, **{f"rhs_{k}": v for k, v in env2.items()}}
+        if env:  # keep the two kernels' op names apart
+            for k in env1:
+                fused_src = fused_src.replace(f"{k}(", f"fused_{k}(")
+            for k in env2:
+                rhs_src = rhs_src.replace(f"{k}(", f"rhs_{k}(")
+        self.source = _module_source(fused_src + "\n\n" + rhs_src + "\n", n, p, cache=True)
+        self.cacheable = not env
+        mod = _load_module(self.source, env)
+        self.module = mod
+        self.fused, self.rhs_nb = mod.fused_f_jac, mod.rhs_only
+        self.fused_src, self.rhs_src = fused_src, rhs_src
+        self._solve_sens, self._solve_plain = mod.solve_sens, mod.solve_plain
+        self.solve_with_sens = mod.solve_with_sens
 
     # -- python-level helpers -------------------------------------------------------------
     def solve(self, theta, y0, schedule: Schedule, *, rtol=1e-8, atol=1e-10, max_steps=100_000, sensitivities=True):

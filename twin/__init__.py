@@ -35,6 +35,7 @@ __all__ = [
     "Cohort",
     "Covariates",
     "ErrorModel",
+    "Twin",
     "TwinModel",
     "GraphError",
     "OmicsPriors",
@@ -60,3 +61,12 @@ __all__ = [
     "simulate",
     "validate_patient",
 ]
+
+
+def __getattr__(name: str):
+    """Lazy exports: ``twin.Twin`` (the twin file needs arviz/xarray only when used)."""
+    if name == "Twin":
+        from .twin import Twin
+
+        return Twin
+    raise AttributeError(f"module 'twin' has no attribute {name!r}")

@@ -53,10 +53,7 @@ def _load_patient_or_exit(path: str):
 
     p = Path(path)
     if p.suffix.lower() == ".nc":
-        raise InputError(
-            f"{path}: a twin file (.nc) is not accepted yet; calibrated twins arrive with `twin calibrate`. "
-            "For now give a patient file or folder: twin simulate builds its prior twin"
-        )
+        raise InputError(f"{path}: this is a twin file (.nc); give the patient file or folder here (twin files go where a TWIN is asked for)")
     if not p.exists():
         raise InputError(f"patient {path!r} does not exist; give a patient folder (with patient.toml) or a .json/.yaml file")
     patient, problems = read_patient(p)
@@ -136,15 +133,23 @@ def _cmd_simulate(args) -> int:
     if not scen_path.is_file():
         raise InputError(f"scenario file {args.scenario!r} does not exist")
     scenario = Scenario.from_toml(scen_path)
-    patient = _load_patient_or_exit(args.patient)
     horizon = _parse_days(args.horizon)
     if args.draws < 1:
         raise InputError(f"--draws {args.draws}: give at least 1 draw")
-    model = model_for_scenario(scenario)
     seed = scenario.seed if args.seed is None else args.seed
-    twin = prior_twin(patient, model, args.draws, seed=seed)
+    if Path(args.patient).suffix.lower() == ".nc":
+        from scenarios.run import scenario_drugs
+
+        from .twin import Twin
+
+        twin = Twin.load(args.patient).with_drugs(scenario_drugs(scenario)).thinned(args.draws, seed=seed)
+        patient, kind = twin.patient, f"{twin.n_draws} posterior draws ({twin.method})"
+    else:
+        patient = _load_patient_or_exit(args.patient)
+        twin = prior_twin(patient, model_for_scenario(scenario), args.draws, seed=seed)
+        kind = f"{args.draws} prior draws"
     print(f"twin simulate: patient {patient.id}, scenario {scenario.name!r} ({len(scenario.arms)} arms), "
-          f"{args.draws} prior draws, horizon {horizon if horizon is not None else scenario.horizon:g} days", flush=True)
+          f"{kind}, horizon {horizon if horizon is not None else scenario.horizon:g} days", flush=True)
     cb, close = _progress_printer()
     t0 = time.perf_counter()
     try:
@@ -170,6 +175,56 @@ def _cmd_compare(args) -> int:
     observed = _load_patient_or_exit(args.observed) if args.observed else None
     out = Path(args.output) if args.output else Path(args.results) / "report.html"
     path = write_report(result, out, observed=observed, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from calibration.calibrate import calibrate
+    from calibration.report import print_calibration
+
+    patient = _load_patient_or_exit(args.patient)
+    out = Path(args.output)
+    if out.suffix.lower() != ".nc":
+        raise InputError(f"-o {args.output}: the twin file must end in .nc (e.g. {patient.id}.twin.nc)")
+    print(f"twin calibrate: patient {patient.id}, method {args.method}, {args.chains} chain(s) x {args.draws} draws, seed {args.seed}", flush=True)
+    twin = calibrate(patient, method=args.method, draws=args.draws, chains=args.chains, tune=args.tune, seed=args.seed,
+                     progress=not args.quiet and sys.stderr.isatty())
+    path = twin.save(out)
+    print_calibration(twin)
+    print(f"wrote {path}")
+    return 0 if twin.diagnostics.get("passed") else 3
+
+
+def _cmd_calibrate_cohort(args) -> int:
+    from calibration.cohort import calibrate_cohort
+
+    run = calibrate_cohort(args.cohort, None, args.output, method=args.method, draws=args.draws, chains=args.chains, seed=args.seed,
+                           scheduler=args.scheduler, n_workers=args.workers, progress=not args.quiet)
+    print(run.summary().to_string())
+    print(f"{len(run.ok)} twin(s) in {run.outdir} ({len(run.failed)} failed, {len(run.skipped)} already done)")
+    return 0 if not run.failed else 3
+
+
+def _cmd_update(args) -> int:
+    from calibration.report import print_calibration
+    from calibration.update import update_twin
+
+    from .twin import Twin
+
+    twin = Twin.load(args.twin)
+    patient = _load_patient_or_exit(args.patient)
+    new = update_twin(twin, patient, seed=args.seed, progress=not args.quiet and sys.stderr.isatty())
+    path = new.save(args.output)
+    print_calibration(new)
+    print(f"wrote {path}")
+    return 0 if new.diagnostics.get("passed") else 3
+
+
+def _cmd_train_residual(args) -> int:
+    from calibration.residual import train_cohort_residual
+
+    path = train_cohort_residual(args.cohort, args.output, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     print(f"wrote {path}")
     return 0
 
@@ -208,6 +263,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default=None, help="report file (.html) or folder (default: RESULTS/report.html)")
     c.add_argument("--title", default="What-if scenarios: treatment comparison", help="title of the report")
     c.set_defaults(func=_cmd_compare)
+
+    k = sub.add_parser("calibrate", help="calibrate a twin (Bayesian posterior) from a patient file")
+    k.add_argument("patient", metavar="PATIENT", help="patient folder or .json/.yaml file")
+    k.add_argument("-o", "--output", required=True, help="twin file to write (.nc)")
+    k.add_argument("--method", choices=["nuts", "advi", "map"], default="nuts", help="nuts (reference, default), advi (quick look) or map (MAP + Laplace)")
+    k.add_argument("--draws", type=int, default=1000, help="posterior draws per chain (default 1000)")
+    k.add_argument("--chains", type=int, default=4, help="chains (default 4)")
+    k.add_argument("--tune", type=int, default=None, help="NUTS warm-up iterations per chain (default: = draws)")
+    k.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    k.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(func=_cmd_calibrate)
+
+    h = sub.add_parser("calibrate-cohort", help="calibrate every patient of a folder on Dask (resumable)")
+    h.add_argument("cohort", metavar="DIR", help="folder of patient folders or .json/.yaml files")
+    h.add_argument("-o", "--output", required=True, help="folder for the twin files and cohort.json")
+    h.add_argument("--method", choices=["nuts", "advi", "map"], default="nuts", help="calibration method (default nuts)")
+    h.add_argument("--draws", type=int, default=1000, help="posterior draws per chain (default 1000)")
+    h.add_argument("--chains", type=int, default=4, help="chains (default 4)")
+    h.add_argument("--seed", type=int, default=0, help="cohort seed; each patient's seed derives from it and the patient id")
+    h.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (default: a local cluster); 'sync' runs in this process")
+    h.add_argument("--workers", type=int, default=None, help="workers of the local cluster (default: min(2, cores))")
+    h.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    h.set_defaults(func=_cmd_calibrate_cohort)
+
+    u = sub.add_parser("update", help="update a twin with the new measurements of its patient file")
+    u.add_argument("twin", metavar="TWIN", help="twin file (.nc) written by twin calibrate")
+    u.add_argument("patient", metavar="PATIENT", help="the patient file with the new visits")
+    u.add_argument("-o", "--output", required=True, help="updated twin file (.nc)")
+    u.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    u.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=_cmd_update)
+
+    r = sub.add_parser("train-residual", help="fit the shared neural-residual weights on a training cohort")
+    r.add_argument("cohort", metavar="COHORT", help="folder of calibrated twin files (.twin.nc, e.g. from calibrate-cohort)")
+    r.add_argument("-o", "--output", required=True, help="residual file to write (.pt)")
+    r.add_argument("--epochs", type=int, default=200, help="optimisation epochs (default 200)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=_cmd_train_residual)
     return parser
 
 

@@ -35,6 +35,15 @@ CELL_VOLUME_MM3 = 1e-6
 PSA_CELL_SCALE = 1e9
 #: offset of the capacity logit: cap = sigmoid(logcap); logcap = 0 -> cap = 0.5.
 _GROWTH = ("logistic", "gompertz")
+_LN10 = math.log(10.0)
+
+
+def _mean_scaled(values):
+    """sum(values) / (len * X_REF): the mean activity of phenotype nodes relative to X_REF."""
+    acc = values[0]
+    for v in values[1:]:
+        acc = acc + v
+    return acc / (len(values) * X_REF)
 
 
 def _ident(name: str) -> str:
@@ -258,6 +267,16 @@ class TwinModel:
         object.__setattr__(new, "_residual_index", index)
         return new
 
+    def with_drugs(self, drugs) -> "TwinModel":
+        """This model plus ``drugs`` (catalogue names; same graph, growth, mechanisms and
+        residual). Returns ``self`` when every drug is already known."""
+        extra = [str(d).lower() for d in drugs if str(d).lower() not in self.drugs]
+        if not extra:
+            return self
+        new = TwinModel.from_graph(self.graph, drugs=list(self.drugs) + extra, mechanisms=self.mechanisms, growth=self.growth,
+                                   persisters=self.persisters, pathway=self.pathway, drug_params=self.drug_pk)
+        return new.with_residual(self.residual) if self.residual is not None else new
+
     def without_residual(self) -> "TwinModel":
         """The mechanistic model (this model without its neural residual)."""
         import dataclasses
@@ -296,9 +315,13 @@ class TwinModel:
 
     @property
     def psa_node(self) -> str | None:
-        if not self.pathway or self.graph is None:
+        if self.graph is None:
             return None
-        return self.graph.biomarkers().get("psa")
+        cache = self.__dict__.get("_psa_node", False)
+        if cache is False:
+            cache = self.graph.biomarkers().get("psa")
+            object.__setattr__(self, "_psa_node", cache)
+        return cache
 
     @property
     def has_psa(self) -> bool:
@@ -439,60 +462,164 @@ class TwinModel:
 
         return self.default_priors(omics_priors(patient.omics, self.graph))
 
-    # ------------------------------------------------------------------ torch pieces
-    def _tensors(self):
-        """Constant structure tensors (cached per model)."""
-        import torch
-
-        cache = self.__dict__.get("_cache")
+    # ------------------------------------------------------------------ the one definition
+    def _structure(self) -> dict:
+        """Plain-Python structure of the equations (cached per model): each node's inputs
+        ``[(source index, signed edge weight)]``, the targeted drugs hitting each node, the
+        phenotype nodes, the drugs blunted in each clone, the PSA node's index."""
+        cache = self.__dict__.get("_struct")
         if cache is not None:
             return cache
-        N = len(self._nodes)
         idx = {n: i for i, n in enumerate(self._nodes)}
-        W = np.zeros((N, N))
-        src = np.ones(N, dtype=bool)
+        inputs = [[] for _ in self._nodes]
         if self.pathway:
             for n in self._nodes:
                 for s, sign in self.graph.inputs(n):
                     e = self.graph.edge(s, n)
-                    W[idx[n], idx[s]] = sign * (e.weight if e.weight is not None else 1.0)
-                    src[idx[n]] = False
-        td = self.targeted_drugs
-        T = np.zeros((len(td), N))
-        for k, d in enumerate(td):
-            for n in self.targets(d):
-                if n in idx:
-                    T[k, idx[n]] = 1.0
-        C = len(self.clones)
-        # S[c, k]: does clone c keep the full inhibition of targeted drug k (1) or blunted (mech)
-        M = np.zeros((C, len(self.drugs)))  # membership of drug in clone c's mechanism
-        for c, m in enumerate(self.mechanisms, start=1):
-            for j, d in enumerate(self.drugs):
-                if d in {x.lower() for x in m.drugs}:
-                    M[c, j] = 1.0
-        def _avg(n, ids):
-            a = np.zeros(n)
-            if ids:
-                a[ids] = 1.0 / (len(ids) * X_REF)
-            return a
-
+                    inputs[idx[n]].append((idx[s], float(sign * (e.weight if e.weight is not None else 1.0))))
+        hit = [[] for _ in self._nodes]
+        targeted = [self.drugs.index(d) for d in self.targeted_drugs]
+        if self.pathway:
+            for j in targeted:
+                for n in self.targets(self.drugs[j]):
+                    if n in idx:
+                        hit[idx[n]].append(j)
+        blunted = [frozenset()] + [
+            frozenset(j for j, d in enumerate(self.drugs) if d in {x.lower() for x in m.drugs}) for m in self.mechanisms
+        ]
         prol = [idx[n] for n in (self.graph.phenotype_nodes("proliferation") if self.pathway else []) if n in idx]
         death = [idx[n] for n in (self.graph.phenotype_nodes("death") if self.pathway else []) if n in idx]
-        t = lambda a: torch.as_tensor(a, dtype=torch.float64)
         cache = {
-            "W": t(W), "WT": t(W.T.copy()), "T": t(T), "single_target": bool((T.sum(0) <= 1).all()),
-            "prol_avg": t(_avg(N, prol)), "death_avg": t(_avg(N, death)), "M": t(M), "prol": prol, "death": death,
-            "targeted": [self.drugs.index(d) for d in td], "cyto": [self.drugs.index(d) for d in self.cytotoxic_drugs],
-            "psa": idx.get(self.psa_node) if self.has_psa else None,
+            "inputs": inputs, "hit": hit, "targeted": targeted, "cyto": [self.drugs.index(d) for d in self.cytotoxic_drugs],
+            "blunted": blunted, "prol": prol, "death": death,
+            "psa": idx.get(self.psa_node) if (self.has_psa and self.pathway) else None,
         }
-        object.__setattr__(self, "_cache", cache)
+        object.__setattr__(self, "_struct", cache)
         return cache
 
+    def _pathway_f(self, xc, p, inhc, xp):
+        """Target activities f_n of one clone's nodes (elementwise): ``sigmoid(logcap_n) *
+        sigmoid(basal_n + w * sum_s W_ns (x_s / X_REF - 1)) * prod_{d hits n} (1 - I_cd)``."""
+        st = self._structure()
+        out = []
+        rel = {}
+        for n, name in enumerate(self._nodes):
+            acc = None
+            for s, wt in st["inputs"][n]:
+                if s not in rel:
+                    rel[s] = xc[s] / X_REF - 1.0
+                acc = wt * rel[s] if acc is None else acc + wt * rel[s]
+            z = p[f"basal_{name}"] if acc is None else p[f"basal_{name}"] + p["w"] * acc
+            f = xp.sigmoid(p[f"logcap_{name}"]) * xp.sigmoid(z)
+            for j in st["hit"][n]:
+                f = f * (1.0 - inhc[j])
+            out.append(f)
+        return out
+
+    def _terms(self, y, p, u, xp) -> dict:
+        """Pieces of the cell dynamics (elementwise; y, u sequences of states and drug
+        inhibitions I_d in [0, 1]; p name -> value): per clone c the inhibition ``inh[c][d]``
+        (blunted by the clone's mechanism), pathway activities ``x[c]``, proliferation
+        ``prol[c]`` and death ``death[c]`` phenotypes, direct kill ``kill[c]`` [1/day]; the
+        growth factor ``g`` (logistic 1 - N/K or Gompertz log(K/N)), ``cells`` and ``Ntot``."""
+        st = self._structure()
+        C, N = len(self.clones), len(self._nodes)
+        nd = len(self.drugs)
+        inh = []
+        for c in range(C):
+            if c == 0:
+                inh.append(list(u[:nd]))
+            else:
+                b = p[f"blunt_{_ident(self.mechanisms[c - 1].name)}"]
+                inh.append([u[j] * (1.0 - b) if j in st["blunted"][c] else u[j] for j in range(nd)])
+        x = [list(y[c * N:(c + 1) * N]) for c in range(C)] if self.pathway else None
+        prol, death = [], []
+        for c in range(C):
+            if self.pathway:
+                pr = _mean_scaled([x[c][i] for i in st["prol"]]) if st["prol"] else 1.0
+                de = _mean_scaled([x[c][i] for i in st["death"]]) if st["death"] else 1.0
+            else:
+                pr = 1.0
+                for j in st["targeted"]:
+                    pr = pr * (1.0 - inh[c][j])
+                de = 1.0
+            prol.append(pr)
+            death.append(de)
+        cells = list(y[C * N: C * N + len(self.compartments)])
+        Ntot = cells[0]
+        for v in cells[1:]:
+            Ntot = Ntot + v
+        K = p["K"]
+        g = 1.0 - Ntot / K if self.growth == "logistic" else xp.log(K / xp.maximum(Ntot, 1e-300))
+        kill = []
+        for c in range(C):
+            k = 0.0
+            for j in st["cyto"]:
+                k = k + p[f"kill_{_ident(self.drugs[j])}"] * inh[c][j]
+            kill.append(k)
+        return {"inh": inh, "x": x, "prol": prol, "death": death, "cells": cells, "Ntot": Ntot, "g": g, "kill": kill}
+
+    def equations(self, t, y, p: Mapping[str, Any], u, xp) -> list:
+        """THE vector field of the twin, written once, elementwise (``docs/model.md``).
+
+        ``y`` : sequence of the ``n_states`` states (:attr:`state_names` order); ``p`` : name ->
+        value of every parameter; ``u`` : sequence of the drugs' target inhibitions
+        ``I_d(t)`` in [0, 1] (:attr:`drugs` order, from analytic PK); ``xp`` : an array
+        namespace of :mod:`twin._xp` (numpy, torch or PyTensor). Returns ``dy/dt`` as a list.
+
+        ``twin.simulate`` evaluates it with torch tensors (:meth:`vector_field`);
+        ``calibration`` evaluates it on symbolic scalars to derive exact Jacobians and
+        compiled code. ``t`` is unused (the model is autonomous given the exposure).
+        """
+        st = self._structure()
+        C, N = len(self.clones), len(self._nodes)
+        nd = len(self.drugs)
+        tm = self._terms(y, p, u, xp)
+        out = []
+        if self.pathway:
+            for c in range(C):
+                f = self._pathway_f(tm["x"][c], p, tm["inh"][c], xp)
+                out += [(f[n] - tm["x"][c][n]) / p["tau"] for n in range(N)]
+        cells, g = tm["cells"], tm["g"]
+        dN = [(p["r_max"] * tm["prol"][c] * g - p["d_max"] * tm["death"][c] - tm["kill"][c]) * cells[c] for c in range(C)]
+        if self.residual is not None:  # neural residual: + eps N_c on every signalling clone
+            node_idx, drug_idx = self._residual_binding()
+            feats = [y[i] / X_REF - 1.0 for i in node_idx]
+            feats.append((xp.log(xp.maximum(tm["Ntot"], 1.0)) / _LN10 - self.residual.burden_center) / self.residual.burden_scale)
+            feats += [u[j] for j in drug_idx]
+            eps = xp.mlp(self.residual, feats)
+            dN = [d + eps * cells[c] for c, d in enumerate(dN)]
+        if self.persisters:
+            P = cells[C]
+            keep = 1.0
+            for j in range(nd):
+                keep = keep * (1.0 - u[j])
+            flow = p["alpha_p"] * (1.0 - keep) * cells[0] - p["beta_p"] * P
+            dN[0] = dN[0] - flow
+            dN.append(flow + p["r_p"] * g * P)
+        out += dN
+        if self.has_psa:
+            prod = 0.0
+            for c in range(C):
+                act = tm["x"][c][st["psa"]] / X_REF if self.pathway else tm["prol"][c]
+                prod = prod + act * cells[c]
+            if self.persisters:
+                prod = prod + cells[C]
+            out.append(p["psa_prod"] * prod / PSA_CELL_SCALE - p["psa_clear"] * y[-1])
+        return out
+
+    def _residual_binding(self):
+        index = self.__dict__.get("_residual_index")
+        if index is None:  # e.g. after dataclasses.replace: bind once
+            index = self.residual.bind(self)
+            object.__setattr__(self, "_residual_index", index)
+        return index
+
+    # ------------------------------------------------------------------ torch evaluation
     def parameter_tensors(self, params: Mapping[str, Any], batch: int | None = None, *, stacked: bool = False) -> dict:
         """Complete a parameter dict with defaults, as float64 torch tensors of shape (B,).
-        Unknown names raise (with close matches). ``stacked`` adds ``_basal`` and ``_cap``
-        (B, n_nodes), which the vector field then uses instead of stacking per call
-        (do not use with gradients w.r.t. the per-node parameters)."""
+        Unknown names raise (with close matches). (``stacked`` is accepted for backward
+        compatibility and ignored.)"""
         import torch
 
         names = set(self.parameter_names)
@@ -502,6 +629,8 @@ class TwinModel:
         out = {}
         B = batch
         for k, v in params.items():
+            if k.startswith("_"):
+                continue
             tv = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v, dtype=np.float64))
             out[k] = tv.to(torch.float64)
             if tv.ndim:
@@ -513,78 +642,26 @@ class TwinModel:
         for p in self._params:
             if p.name not in out:
                 out[p.name] = torch.full((B,), float(p.default), dtype=torch.float64)
-        if stacked and self._nodes:
-            out["_basal"] = torch.stack([out[f"basal_{n}"] for n in self._nodes], dim=-1)
-            out["_cap"] = torch.sigmoid(torch.stack([out[f"logcap_{n}"] for n in self._nodes], dim=-1))
         return out
 
-    def _clone_inhibition(self, params, exposure):
-        """(B, C, n_drugs): inhibition seen by each signalling clone (blunted in R_k)."""
+    def _columns(self, y, exposure):
         import torch
 
-        cache = self._tensors()
-        B = exposure.shape[0]
-        if not self.mechanisms:
-            return exposure[:, None, :]
-        blunt = torch.stack([torch.zeros(B, dtype=torch.float64)] + [params[f"blunt_{_ident(m.name)}"] for m in self.mechanisms], dim=-1)  # (B, C)
-        return exposure[:, None, :] * (1.0 - blunt[:, :, None] * cache["M"][None, :, :])
-
-    def _pathway_target(self, x, params, inh):
-        """f(x): x (B, C, N), inh (B, C, n_drugs) -> (B, C, N)."""
-        import torch
-
-        cache = self._tensors()
-        basal = params.get("_basal")
-        if basal is None:
-            basal = torch.stack([params[f"basal_{n}"] for n in self._nodes], dim=-1)  # (B, N)
-        cap = params.get("_cap")
-        if cap is None:
-            cap = torch.sigmoid(torch.stack([params[f"logcap_{n}"] for n in self._nodes], dim=-1))
-        B, C, N = x.shape
-        u = torch.matmul((x / X_REF - 1.0).reshape(B * C, N), cache["WT"]).reshape(B, C, N)
-        z = torch.addcmul(basal[:, None, :], params["w"][:, None, None], u)
-        f = cap[:, None, :] * torch.sigmoid(z)
-        tg = cache["targeted"]
-        if not tg:
-            return f
-        if cache["single_target"]:  # each node hit by at most one drug: prod_d (1 - I_d T_di) = 1 - I @ T
-            it = inh[:, :, tg] if len(tg) < inh.shape[-1] else inh
-            return f * (1.0 - torch.matmul(it.reshape(B * C, len(tg)), cache["T"]).reshape(B, C, N))
-        for k, j in enumerate(tg):
-            f = f * (1.0 - inh[:, :, j:j + 1] * cache["T"][k][None, None, :])
-        return f
-
-    def _growth_terms(self, y, params, exposure):
-        """Pieces of the cell dynamics shared by :meth:`vector_field` and :meth:`clone_rates`:
-        pathway activities x (B, C, N) or None, proliferation and death phenotypes (B, C),
-        the growth factor g (B,) (logistic 1 - N/K or Gompertz log(K/N)), the direct kill
-        (B, C) and the per-clone inhibition (B, C, n_drugs)."""
-        import torch
-
-        cache = self._tensors()
+        y = torch.as_tensor(y, dtype=torch.float64)
         B = y.shape[0]
-        C, N = len(self.clones), len(self._nodes)
-        inh = self._clone_inhibition(params, exposure)  # (B, C, nd)
-        x = None
-        if self.pathway:
-            x = y[:, : C * N].reshape(B, C, N)
-            prol = torch.matmul(x, cache["prol_avg"]) if cache["prol"] else torch.ones((B, C), dtype=torch.float64)
-            dth = torch.matmul(x, cache["death_avg"]) if cache["death"] else torch.ones((B, C), dtype=torch.float64)
+        nd = len(self.drugs)
+        if exposure is None or nd == 0:
+            u = [torch.zeros(B, dtype=torch.float64)] * nd
         else:
-            prol = torch.ones((B, C), dtype=torch.float64)
-            for j in cache["targeted"]:
-                prol = prol * (1.0 - inh[:, :, j])
-            dth = torch.ones((B, C), dtype=torch.float64)
-        Ntot = y[:, C * N: C * N + len(self.compartments)].sum(-1)
-        K = params["K"]
-        if self.growth == "logistic":
-            g = 1.0 - Ntot / K
-        else:
-            g = torch.log(K / Ntot.clamp_min(1e-300))
-        kill = torch.zeros((B, C), dtype=torch.float64)
-        for j in cache["cyto"]:
-            kill = kill + params[f"kill_{_ident(self.drugs[j])}"][:, None] * inh[:, :, j]
-        return x, prol, dth, g, kill, inh
+            u = list(torch.as_tensor(exposure, dtype=torch.float64).unbind(-1))
+        return y, list(y.unbind(-1)), u
+
+    @staticmethod
+    def _stack(values, B):
+        import torch
+
+        cols = [v if isinstance(v, torch.Tensor) and v.ndim == 1 else torch.full((B,), float(v), dtype=torch.float64) if not isinstance(v, torch.Tensor) else v.expand(B) for v in values]
+        return torch.stack(cols, dim=-1)
 
     def clone_rates(self, y, params: Mapping[str, Any], exposure=None):
         """Per-cell division and loss rates [1/day] of every signalling clone, (B, C) each.
@@ -597,65 +674,61 @@ class TwinModel:
         """
         import torch
 
-        y = torch.as_tensor(y, dtype=torch.float64)
-        p = self.parameter_tensors(params, batch=y.shape[0])
-        nd = len(self.drugs)
-        exposure = torch.zeros((y.shape[0], nd), dtype=torch.float64) if exposure is None or nd == 0 else torch.as_tensor(exposure, dtype=torch.float64)
+        from ._xp import torch_namespace
+
+        y, ys, u = self._columns(y, exposure)
+        B = y.shape[0]
+        p = self.parameter_tensors(params, batch=B)
         with torch.no_grad():
-            _, prol, dth, g, kill, _ = self._growth_terms(y, p, exposure)
-            base = p["r_max"][:, None] * prol
-            division = base * g.clamp_min(0.0)[:, None]
-            loss = p["d_max"][:, None] * dth + kill + base * (-g).clamp_min(0.0)[:, None]
-        return division, loss
+            tm = self._terms(ys, p, u, torch_namespace())
+            g = tm["g"]
+            div, loss = [], []
+            for c in range(len(self.clones)):
+                base = p["r_max"] * tm["prol"][c]
+                div.append(base * g.clamp_min(0.0))
+                loss.append(p["d_max"] * tm["death"][c] + tm["kill"][c] + base * (-g).clamp_min(0.0))
+        return self._stack(div, B), self._stack(loss, B)
 
     def vector_field(self, t, y, params: Mapping[str, Any], exposure):
         """dy/dt, batched: y (B, n_states), params name -> (B,), exposure (B, n_drugs) =
         target inhibition I_d(t) in [0, 1] of each drug of ``self.drugs`` (from analytic PK).
 
-        ``t`` is unused (the model is autonomous given the exposure) but kept for the
-        ODE-solver signature. float64 torch; differentiable with respect to ``y`` and ``params``.
+        :meth:`equations` evaluated on torch columns (float64; differentiable with respect to
+        ``y``, ``params`` and the residual's weights).
         """
-        import torch
+        from ._xp import torch_namespace
 
-        cache = self._tensors()
-        B = y.shape[0]
-        C, N = len(self.clones), len(self._nodes)
-        nd = len(self.drugs)
-        if exposure is None or nd == 0:
-            exposure = torch.zeros((B, nd), dtype=torch.float64)
-        x, prol, dth, g, kill, inh = self._growth_terms(y, params, exposure)
-        parts = []
+        y, ys, u = self._columns(y, exposure)
+        return self._stack(self.equations(t, ys, params, u, torch_namespace()), y.shape[0])
+
+    def initial_state_values(self, p: Mapping[str, Any], xp, *, x=None) -> list:
+        """y0 elementwise (the reduced model, or with the pathway activities ``x[c][n]`` given):
+        cells ``N0`` split into the resistant fractions, no persisters, PSA at the steady state
+        of its untreated production/clearance. Used by :meth:`initial_state` and calibration."""
+        st = self._structure()
+        C = len(self.clones)
+        out = []
         if self.pathway:
-            f = self._pathway_target(x, params, inh)
-            parts.append(((f - x) / params["tau"][:, None, None]).reshape(B, C * N))
-        off = C * N
-        ncomp = len(self.compartments)
-        cells = y[:, off: off + ncomp]
-        Nc = cells[:, :C]
-        Ntot = cells.sum(-1)
-        dN = (params["r_max"][:, None] * prol * g[:, None] - params["d_max"][:, None] * dth - kill) * Nc
-        if self.residual is not None:  # neural residual: + eps N_c on every signalling clone
-            index = self.__dict__.get("_residual_index")
-            if index is None:  # e.g. after dataclasses.replace: bind once
-                index = self.residual.bind(self)
-                object.__setattr__(self, "_residual_index", index)
-            node_idx, drug_idx = index
-            dN = dN + self.residual(y[:, node_idx], Ntot, exposure[:, drug_idx])[:, None] * Nc
+            if x is None:
+                raise InputError("initial_state_values: a pathway model needs its pathway activities x")
+            for c in range(C):
+                out += list(x[c])
+        fr = [p[f"frac_{_ident(m.name)}"] for m in self.mechanisms]
+        total = p["N0"]
+        s = total
+        for f in fr:
+            s = s - total * f
+        cells = [s] + [total * f for f in fr]
+        out += cells
         if self.persisters:
-            P = cells[:, C]
-            itot = 1.0 - torch.prod(1.0 - exposure, dim=-1) if nd else torch.zeros(B, dtype=torch.float64)
-            flow = params["alpha_p"] * itot * Nc[:, 0] - params["beta_p"] * P
-            dN = torch.cat([(dN[:, 0] - flow)[:, None], dN[:, 1:]], dim=-1)
-            dP = flow + params["r_p"] * g * P
-            parts.append(torch.cat([dN, dP[:, None]], dim=-1))
-        else:
-            parts.append(dN)
+            out.append(xp.zeros_like(total) if not isinstance(total, float) else 0.0)
         if self.has_psa:
-            xp = x[:, :, cache["psa"]] / X_REF  # (B, C)
-            prod = (xp * Nc).sum(-1) + (cells[:, C] if self.persisters else 0.0)
-            psa = y[:, -1]
-            parts.append((params["psa_prod"] * prod / PSA_CELL_SCALE - params["psa_clear"] * psa)[:, None])
-        return torch.cat(parts, dim=-1)
+            prod = 0.0
+            for c in range(C):
+                act = x[c][st["psa"]] / X_REF if self.pathway else 1.0
+                prod = prod + act * cells[c]
+            out.append(p["psa_prod"] * prod / PSA_CELL_SCALE / p["psa_clear"])
+        return out
 
     def initial_state(self, params: Mapping[str, Any], *, iterations: int = 400):
         """y0 (B, n_states): pathway at its untreated quasi-steady state (damped fixed-point
@@ -664,34 +737,29 @@ class TwinModel:
         steady state of its production/clearance."""
         import torch
 
+        from ._xp import torch_namespace
+
+        xp = torch_namespace()
         p = self.parameter_tensors(params)
         B = p["r_max"].shape[0]
         C, N = len(self.clones), len(self._nodes)
-        parts = []
         x = None
         if self.pathway:
-            inh = torch.zeros((B, C, len(self.drugs)), dtype=torch.float64)
-            x = torch.full((B, C, N), X_REF, dtype=torch.float64)
+            nd = len(self.drugs)
+            zero = torch.zeros(B, dtype=torch.float64)
+            inh = [[zero] * nd for _ in range(C)]
+            x = [[torch.full((B,), X_REF, dtype=torch.float64) for _ in range(N)] for _ in range(C)]
             with torch.no_grad():
                 for _ in range(iterations):
-                    dx = 0.5 * (self._pathway_target(x, p, inh) - x)
-                    x = x + dx
-                    if float(dx.abs().max()) < 1e-15:
+                    dmax = 0.0
+                    for c in range(C):
+                        f = self._pathway_f(x[c], p, inh[c], xp)
+                        dx = [0.5 * (f[n] - x[c][n]) for n in range(N)]
+                        x[c] = [x[c][n] + dx[n] for n in range(N)]
+                        dmax = max(dmax, float(torch.stack(dx).abs().max()))
+                    if dmax < 1e-15:
                         break
-            parts.append(x.reshape(B, C * N))
-        fr = [p[f"frac_{_ident(m.name)}"] for m in self.mechanisms]
-        total = p["N0"]
-        rs = [total * f for f in fr]
-        s = total * (1.0 - sum(fr)) if fr else total
-        cells = [s] + rs + ([torch.zeros(B, dtype=torch.float64)] if self.persisters else [])
-        cells = torch.stack(cells, dim=-1)
-        parts.append(cells)
-        if self.has_psa:
-            cache = self._tensors()
-            xp = x[:, :, cache["psa"]] / X_REF
-            prod = (xp * cells[:, :C]).sum(-1)
-            parts.append((p["psa_prod"] * prod / PSA_CELL_SCALE / p["psa_clear"])[:, None])
-        return torch.cat(parts, dim=-1)
+        return self._stack(self.initial_state_values(p, xp, x=x), B)
 
     # ------------------------------------------------------------------ observables
     def observe(self, y) -> dict:

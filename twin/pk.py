@@ -564,6 +564,39 @@ class PKScan:
         jc = np.where(valid, j, 0)
         return self._eval(jc, np.where(valid, t - self.events[jc], 0.0), valid)
 
+    def state_at(self, times) -> dict:
+        """The closed-form PK state at ``times`` (1-D, numpy parameters only), from the doses
+        given at or before each time: ``modes`` (list, one (T,) array per exponential mode:
+        its contribution to C [mg/L]), ``depot`` (T,) [mg] or None, ``rate`` (T,) [mg/day] or
+        None, and the constants ``coef``, ``rates`` (the modes' c_i [1/L] and l_i [1/day]) and
+        ``ka``. From a state at time b the concentration at b + s until the next event is
+        ``sum_i m_i e^{-l_i s} + depot ka c_i phi(l_i, ka, s) + rate c_i h(l_i, s)``
+        (:meth:`segment`); calibration uses these as segment constants."""
+        ns = self.ns
+        if ns.name != "numpy":
+            raise InputError("PKScan.state_at: numpy PK parameters only")
+        t = np.asarray(times, dtype=np.float64)
+        j = np.searchsorted(self.events, t, side="right") - 1
+        valid = (j >= 0).astype(np.float64)
+        jc = np.where(j >= 0, j, 0)
+        s = np.where(j >= 0, t - self.events[jc], 0.0)
+        a_t = self._a[..., jc] if self._a is not None else None
+        r_t = self._r[..., jc] if self._r is not None else None
+        modes = []
+        for (c1, l1), hm in zip(self._e1, self._m):
+            v = hm[..., jc] * np.exp(-l1 * s)
+            if a_t is not None:
+                v = v + a_t * self._ka1 * c1 * _phi(ns, l1, self._ka1, s)
+            if r_t is not None:
+                v = v + r_t * c1 * _h(ns, l1, s)
+            modes.append(v * valid)
+        depot = a_t * np.exp(-self._ka1 * s) * valid if a_t is not None else None
+        rate = r_t * valid if r_t is not None else None
+        coef = [float(np.asarray(c).reshape(-1)[0]) for c, _ in self.terms]
+        rates = [float(np.asarray(l).reshape(-1)[0]) for _, l in self.terms]
+        ka = float(np.asarray(self._ka1).reshape(-1)[0]) if self._ka1 is not None else None
+        return {"modes": modes, "depot": depot, "rate": rate, "coef": coef, "rates": rates, "ka": ka}
+
     def segment(self, start: float):
         """``times -> C`` [mg/L] of the doses given at or before ``start``, for times in
         ``[start, next event]`` (an ODE segment): propagated in closed form from the last

@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import InputError, close_matches
 
-__all__ = ["simulate", "dopri5_fixed", "STATUS_CODES"]
+__all__ = ["simulate", "dopri5_fixed", "regimen_doses", "STATUS_CODES"]
 
 STATUS_CODES = {0: "ok", 1: "step size fell below min_step (non-finite or unstable state)", 2: "max_steps reached", 3: "non-finite initial state"}
 
@@ -170,6 +170,14 @@ def _normalize_regimens(regimens):
     if not out:
         raise InputError("simulate: give at least one regimen (Regimen.empty() for no treatment)")
     return out
+
+
+def regimen_doses(model, regimen) -> tuple[dict, list[str]]:
+    """The dose tables the simulator uses for ``regimen`` under ``model``: drug ->
+    :class:`twin.pk.DoseTable` (doses without an amount get the catalogue's standard dose;
+    zero amounts dropped), and the notes saying what was filled in. Shared with calibration."""
+    ex = _Exposure(model, regimen)
+    return dict(ex.doses), list(ex.notes)
 
 
 class _Exposure:
