@@ -292,7 +292,7 @@ def build_model(patient, model, *, free: Sequence[str] | None = None, fixed: Map
                 if d["censored"].any():
                     name = f"cens_{o}_{k}"
                     cidx = np.flatnonzero(d["censored"])
-                    pm.Censored(name, pm.LogNormal.dist(mu=mu[cidx], sigma=sig[o]), lower=None, upper=d["lloq"][cidx], observed=d["lloq"][cidx])
+                    pm.Censored(name, pm.LogNormal.dist(mu=mu[cidx], sigma=sig[o]), lower=d["lloq"][cidx], upper=None, observed=d["lloq"][cidx])  # left-censored: log P(Y < LLOQ)
                     obs_names[name] = (k, o, "censored")
     return BuiltModel(pmodel, tode, data, free, fixed, schedules, obs_names, n0_mode)
 
@@ -316,7 +316,7 @@ def _advi(bm: BuiltModel, *, draws, chains, seed, progress, n_iter):
     return idata, {"advi_final_loss": float(approx.hist[-1]) if len(approx.hist) else float("nan")}
 
 
-def _laplace(bm: BuiltModel, *, draws, chains, seed, progress):
+def _laplace(bm: BuiltModel, *, draws, chains, seed, progress, n_starts: int = 4):
     """MAP (L-BFGS-B on the log-density and its gradient computed together, in the
     unconstrained space, from the prior medians) and a Gaussian at the mode whose
     covariance is the inverse negative Hessian (central differences of the gradient)."""
@@ -340,7 +340,13 @@ def _laplace(bm: BuiltModel, *, draws, chains, seed, progress):
             return 1e300, np.zeros_like(x)
         return -lp, -np.asarray(g, dtype=np.float64)
 
-    res = minimize(negative, x0.data, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "maxfun": 20000, "ftol": 1e-12, "gtol": 1e-6})
+    rng = np.random.default_rng(seed)
+    starts = [x0.data] + [x0.data + rng.standard_normal(x0.data.size) for _ in range(max(0, n_starts - 1))]
+    res = None
+    for x_start in starts:  # multi-start: the best finite optimum wins
+        r = minimize(negative, x_start, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "maxfun": 20000, "ftol": 1e-12, "gtol": 1e-6})
+        if np.isfinite(r.fun) and (res is None or r.fun < res.fun):
+            res = r
     xm = res.x
     n = xm.size
     H = np.zeros((n, n))
@@ -353,9 +359,8 @@ def _laplace(bm: BuiltModel, *, draws, chains, seed, progress):
     evals, evecs = np.linalg.eigh(H)
     info = {"map_logp": float(-res.fun), "map_converged": bool(res.success), "map_message": str(res.message), "map_evaluations": int(nfev[0]),
             "laplace_min_eigenvalue": float(evals.min()), "laplace_clipped": int((evals <= 1e-8).sum())}
-    evals = np.maximum(evals, 1e-8)
+    evals = np.where(evals > 1e-8, evals, 1.0)  # flat/negative directions: unit scale (and flagged)
     cov = (evecs / evals) @ evecs.T
-    rng = np.random.default_rng(seed)
     z = rng.multivariate_normal(xm, cov, size=draws * chains, method="eigh")
     fn = pmodel.compile_fn(pmodel.unobserved_value_vars, inputs=vvars, on_unused_input="ignore", point_fn=True)
     names = [v.name for v in pmodel.unobserved_value_vars]
@@ -475,7 +480,13 @@ def diagnose(idata, method: str, *, coverage90: float, extra: Mapping | None = N
         if not d["bfmi_min"] >= THRESHOLDS["bfmi_min"]:
             msgs.append(f"energy BFMI {d['bfmi_min']:.2f} < {THRESHOLDS['bfmi_min']}: poor exploration of the energy")
     else:
+        if method == "map" and (extra or {}).get("laplace_clipped", 0):
+            msgs.append(f"Laplace approximation: the log-density is not concave at the mode in {extra['laplace_clipped']} direction(s) (a saddle or a flat ridge); the intervals are not trustworthy — use method='nuts'")
+        if method == "map" and not (extra or {}).get("map_converged", True):
+            msgs.append(f"MAP optimisation did not converge: {extra.get('map_message')}")
         d["note"] = f"{method}: an approximate posterior; MCMC diagnostics (R-hat, ESS, divergences) do not apply; use method='nuts' for the reference"
+    if extra and extra.get("ppc_solver_failures"):
+        msgs.append(f"the ODE solver failed for {extra['ppc_solver_failures']} of {extra.get('ppc_draws')} posterior draws (stiff or exploding trajectories)")
     if extra:
         d.update(extra)
     d["messages"] = msgs
