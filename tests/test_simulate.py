@@ -302,3 +302,26 @@ def test_member_and_shared_stepping_agree_to_the_tolerance(mapk, monkeypatch):
     b = simulate(mapk, pars, reg, t, rtol=1e-9)
     for s in mapk.state_names:
         np.testing.assert_allclose(a[s].values, b[s].values, rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the two backends
+@pytest.mark.parametrize("which", ["pathway", "reduced"])
+def test_compiled_and_torch_backends_integrate_the_same_equations(mapk, which, monkeypatch):
+    """twin.compiled (numba, traced from TwinModel.equations) and the torch integrator agree."""
+    import importlib
+
+    S = importlib.import_module("twin.simulate")
+
+    m = mapk if which == "pathway" else TwinModel.from_graph(None, pathway=False, drugs=["dabrafenib", "trametinib"], mechanisms=["mek_mutation"], persisters=True)
+    pars = {"r_max": np.array([0.1, 0.2])}
+    t = np.arange(0, 6.0, 0.5)
+    out = {}
+    for be in ("numba", "torch"):
+        monkeypatch.setattr(S, "_BACKEND", be)
+        monkeypatch.delenv("TWIN_SIMULATE_BACKEND", raising=False)
+        out[be] = simulate(m, pars, {"bm": braf_mek(6)}, t, rtol=1e-10, atol=1e-14)
+        assert (out[be].status.values == 0).all()
+    assert "compiled" in out["numba"].attrs["integrator"] and "batched" in out["torch"].attrs["integrator"]
+    for s in m.state_names:
+        a, b = out["numba"][s].values, out["torch"][s].values
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-12 * np.abs(b).max())

@@ -43,9 +43,46 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    """The whole chain on a bundled real patient: calibrate (MAP + Laplace) -> the scenario
+    library's ADT arms across the posterior draws -> HTML report (twin imports calibration
+    and scenarios only here, lazily)."""
+    import time
+    import warnings
 
-    return run_demo(output=Path(args.output), seed=args.seed, n_draws=args.draws)
+    from calibration.calibrate import calibrate
+    from calibration.report import calibration_text
+    from scenarios.report import write_report
+    from scenarios.run import outcome_table, run_scenario, save_result, scenario_drugs
+    from scenarios.scenario import Scenario, library_path
+
+    from . import datasets
+    from .demo import patient_summary
+
+    out = Path(args.output)
+    t_all = time.perf_counter()
+    patient = datasets.load_patient_example()
+    print("twin demo: calibrate a twin of a real patient, then ask what-if questions\n")
+    print("1. The patient (Bruchovsky et al. intermittent androgen deprivation trial, bundled)\n")
+    print(patient_summary(patient))
+    print(f"\n2. Calibrating the twin (MAP + Laplace approximation, {args.draws} draws; `twin calibrate --method nuts` is the reference)\n", flush=True)
+    t0 = time.perf_counter()
+    twin = calibrate(patient, method="map", draws=args.draws, chains=1, seed=args.seed, progress=False)
+    twin_path = twin.save(out / f"{patient.id}.twin.nc")
+    print(calibration_text(twin))
+    print(f"   twin file: {twin_path} ({time.perf_counter() - t0:.1f} s)")
+    scen_path = library_path("adt_continuous_vs_intermittent_vs_adaptive")
+    scenario = Scenario.from_toml(scen_path)
+    print(f"\n3. What if? Scenario {scenario.name!r}: " + ", ".join(a.name for a in scenario.arms) + f" over {scenario.horizon:g} days, every posterior draw\n", flush=True)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_scenario(twin.with_drugs(scenario_drugs(scenario)), scenario, seed=args.seed, scenario_path=scen_path)
+    files = save_result(result, out / "scenario")
+    _print_table(outcome_table(result))
+    print(f"   simulated {twin.n_draws} draws x {len(scenario.arms)} arms in {time.perf_counter() - t0:.1f} s; results: {files['trajectories']}")
+    report = write_report(result, out / "report.html", observed=patient, title=f"Twin of patient {patient.id}: continuous vs intermittent vs adaptive ADT")
+    print(f"\n4. Report: {report}\n\nWhole chain in {time.perf_counter() - t_all:.1f} s.")
+    return 0
 
 
 def _load_patient_or_exit(path: str):
@@ -245,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the demonstration on a bundled real patient")
     d.add_argument("-o", "--output", default="demo-output", help="folder for the demo's outputs (default: demo-output)")
     d.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
-    d.add_argument("--draws", type=int, default=100, help="prior draws to simulate (default 100)")
+    d.add_argument("--draws", type=int, default=100, help="posterior draws of the twin to simulate (default 100)")
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("simulate", help="simulate the arms of a scenario file for a patient's twin across its draws")

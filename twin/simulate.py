@@ -625,6 +625,42 @@ def _integrate_group_member(model, p, y0, times, exposure: _Exposure, *, rtol, a
                                    f"median {q[0]:.0f}, 99th percentile {q[1]:.0f}, max {q[2]:.0f} (member {int(np.argmax(per_member)) if B else -1})")
 
 
+#: "numba" integrates models without a neural residual with :mod:`twin.compiled` (one
+#: compiled DP5(4) per member, the same equations); "torch" always uses the batched torch
+#: integrator. Environment variable ``TWIN_SIMULATE_BACKEND`` overrides.
+_BACKEND = "numba"
+
+
+def backend_for(model) -> str:
+    import os
+
+    b = os.environ.get("TWIN_SIMULATE_BACKEND", _BACKEND)
+    return "torch" if (b == "torch" or model.residual is not None) else "numba"
+
+
+def _integrate_compiled(model, p, y0, times, reg, *, rtol, atol, min_step, max_steps):
+    """Same contract as the torch integrators, via :class:`twin.compiled.CompiledTwin`."""
+    from .compiled import compiled_twin, segment_schedule
+
+    ct = compiled_twin(model)
+    theta = np.stack([p[n].detach().cpu().numpy() for n in model.parameter_names], axis=-1)
+    y0 = y0.detach().cpu().numpy() if hasattr(y0, "detach") else np.asarray(y0, dtype=np.float64)
+    B = y0.shape[0]
+    bad0 = ~np.isfinite(y0).all(axis=-1)
+    b, w, _ = segment_schedule(model, ct.layout, ct.n_w, reg, float(times[0]), float(times[-1]))
+    out, st, steps = ct.solve(theta, np.where(bad0[:, None], 0.0, y0), b, w, times, rtol=rtol, atol=atol, max_steps=max_steps, min_step=min_step)
+    status = np.zeros(B, dtype=np.int64)
+    messages = np.full(B, "", dtype=object)
+    status[st == 1], status[st == 2], status[bad0] = 2, 1, 3
+    for k in range(B):
+        if status[k]:
+            messages[k] = STATUS_CODES[int(status[k])]
+            out[k, :] = np.nan
+    q = np.percentile(steps, [50, 99]) if B else (0, 0)
+    summary = f"compiled, steps per member mean {steps.mean() if B else 0:.0f}, median {q[0]:.0f}, 99th percentile {q[1]:.0f}, max {steps.max() if B else 0}"
+    return out, status, messages, summary
+
+
 def _run_groups(model, p, y0_all, times, regs, rtol, atol, min_step, max_steps, res, status, msgs, notes, nsteps):
     import torch
 
@@ -632,6 +668,11 @@ def _run_groups(model, p, y0_all, times, regs, rtol, atol, min_step, max_steps, 
         for r, (name, reg) in enumerate(regs):
             ex = _Exposure(model, reg)
             notes += [f"{name}: {x}" for x in ex.notes]
+            if backend_for(model) == "numba":
+                out, st, m, steps = _integrate_compiled(model, p, y0_all[r], times, reg, rtol=rtol, atol=atol, min_step=min_step, max_steps=max_steps)
+                res[r], status[r], msgs[r] = out, st, m
+                nsteps.append(steps)
+                continue
             integrate = _integrate_group_member if _STEPPING == "member" else _integrate_group
             out, st, m, steps = integrate(model, p, y0_all[r], times, ex, rtol=rtol, atol=atol, min_step=min_step, max_steps=max_steps)
             res[r], status[r], msgs[r] = out, st, m
@@ -771,8 +812,8 @@ def _simulate(model, p, regs, times, initial_state, B, n_pat, n_draws, draw_coor
         "rtol": rtol,
         "atol": atol,
         "seed": -1 if seed is None else int(seed),
-        "integrator": ("batched Dormand-Prince 5(4), float64, "
-                       + ("one step size per member" if _STEPPING == "member" else "one step size per regimen group")
+        "integrator": (("compiled (numba) Dormand-Prince 5(4), float64, one step size per member" if backend_for(model) == "numba" else "batched Dormand-Prince 5(4), float64, "
+                       + ("one step size per member" if _STEPPING == "member" else "one step size per regimen group"))
                        + ", stops at every dose start, infusion end and observation time"),
         "steps": ", ".join(f"{n}: {s}" for (n, _), s in zip(regs, nsteps)),
         "wall_time_s": round(_time.perf_counter() - t_start, 3),
