@@ -60,6 +60,7 @@ __all__ = [
     "VOLUME_EQUIVALENT_INCREASE",
     "visit_times",
     "time_to_progression",
+    "progression_known",
     "response_class",
     "MRECIST_CLASSES",
     "response_class_probabilities",
@@ -448,32 +449,9 @@ def _criterion(criterion, overrides) -> ProgressionCriterion:
     return dataclasses.replace(c, **overrides) if overrides else c
 
 
-def time_to_progression(
-    result: xr.Dataset,
-    criterion: str | ProgressionCriterion = "recist_sld",
-    *,
-    visits=28.0,
-    start: float | None = None,
-    horizon: float | None = None,
-    **overrides,
-) -> xr.DataArray:
-    """Time to progression [day] per arm x draw (x replicate), assessed at visits.
-
-    ``criterion``: ``"recist_sld"`` (RECIST 1.1 on ``sld``: >= 20 % and >= 5 mm above the
-    nadir), ``"recist_volume"`` (on ``tumor_volume``: >= 72.8 % above the nadir, the sphere
-    volume equivalent of 20 % in diameter), ``"pcwg3_psa"`` (>= 25 % and >= 2 ng/mL above
-    the nadir, confirmed 21 days later; rises without a prior decline count from week 12),
-    or a :class:`ProgressionCriterion`. Keyword ``overrides`` replace criterion fields,
-    e.g. ``rel_increase=0.3`` or ``confirm_after=28``.
-
-    Returns a DataArray (event time; ``inf`` = not reached; ``NaN`` = not assessable)
-    with coords ``event`` and ``followup`` (see the module docstring).
-    """
-    c = _criterion(criterion, overrides)
-    da = _sample_order(_variable(result, c.variable))
-    times = da[DIM_TIME].values.astype(float)
-    vt = visit_times(times, visits, start=start, horizon=horizon)
-    y = np.asarray(da.values, dtype=float)
+def _progression_condition(y: np.ndarray, times: np.ndarray, vt: np.ndarray, c: ProgressionCriterion):
+    """The core of :func:`time_to_progression`: ``(cond, assessable, bad)`` for values ``y``
+    (..., time) on ``times`` assessed at visits ``vt`` (the first visit is the baseline)."""
     v = _interp_last(y, times, vt)  # (..., K)
     bad = ~np.isfinite(v).all(axis=-1)
     # nadir before each visit (baseline included); no reference at the baseline visit
@@ -502,6 +480,63 @@ def time_to_progression(
         cond &= holds(vc, nadir) & confirmable
         assessable = np.broadcast_to(confirmable, v.shape)
         bad = bad | ~np.isfinite(vc[..., confirmable]).all(axis=-1)
+    return cond, assessable, bad
+
+
+def progression_known(
+    values,
+    times,
+    visits,
+    criterion: str | ProgressionCriterion = "recist_sld",
+    **overrides,
+) -> np.ndarray:
+    """Whether a progression is *known* by the last time of ``times``, per row of ``values``.
+
+    The same definition as :func:`time_to_progression` (same criterion, nadir, PCWG3 rules
+    and confirmation), applied to a trajectory observed only up to ``times[-1]``:
+    ``values`` (..., time) on ``times``, assessed at ``visits`` (an array of times; the
+    first is the baseline). A confirmed criterion (PCWG3: 21 days) counts only once its
+    confirmation time has been reached, so with visits every 4 weeks a PSA progression at
+    visit ``k`` becomes known at visit ``k + 1``. Rows with a non-finite value at a visit
+    are never progressed. Used by the scenario runner to switch treatment at progression.
+    """
+    c = _criterion(criterion, overrides)
+    times = np.asarray(times, dtype=float)
+    y = np.asarray(values, dtype=float)
+    vt = np.asarray(visits, dtype=float)
+    vt = vt[(vt >= times[0] - 1e-9) & (vt <= times[-1] + 1e-9)]
+    if vt.size < 2:
+        return np.zeros(y.shape[:-1], dtype=bool)
+    cond, assessable, bad = _progression_condition(y, times, vt, c)
+    return (cond & assessable).any(axis=-1) & ~bad
+
+
+def time_to_progression(
+    result: xr.Dataset,
+    criterion: str | ProgressionCriterion = "recist_sld",
+    *,
+    visits=28.0,
+    start: float | None = None,
+    horizon: float | None = None,
+    **overrides,
+) -> xr.DataArray:
+    """Time to progression [day] per arm x draw (x replicate), assessed at visits.
+
+    ``criterion``: ``"recist_sld"`` (RECIST 1.1 on ``sld``: >= 20 % and >= 5 mm above the
+    nadir), ``"recist_volume"`` (on ``tumor_volume``: >= 72.8 % above the nadir, the sphere
+    volume equivalent of 20 % in diameter), ``"pcwg3_psa"`` (>= 25 % and >= 2 ng/mL above
+    the nadir, confirmed 21 days later; rises without a prior decline count from week 12),
+    or a :class:`ProgressionCriterion`. Keyword ``overrides`` replace criterion fields,
+    e.g. ``rel_increase=0.3`` or ``confirm_after=28``.
+
+    Returns a DataArray (event time; ``inf`` = not reached; ``NaN`` = not assessable)
+    with coords ``event`` and ``followup`` (see the module docstring).
+    """
+    c = _criterion(criterion, overrides)
+    da = _sample_order(_variable(result, c.variable))
+    times = da[DIM_TIME].values.astype(float)
+    vt = visit_times(times, visits, start=start, horizon=horizon)
+    cond, assessable, bad = _progression_condition(np.asarray(da.values, dtype=float), times, vt, c)
     t_event, event, followup = _first_event(cond, assessable, vt, bad)
     return _package(
         t_event, da, name=f"ttp_{c.name}", units="day", better="higher", event=event, followup=followup,

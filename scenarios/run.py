@@ -8,27 +8,38 @@
 
 How the arms are simulated
 --------------------------
-* **Protocol arms** (a fixed plan) are expanded with the patient's covariates into one
-  :class:`twin.Regimen` each, and all protocol arms go through *one* :func:`twin.simulate`
-  call (every draw under every protocol regimen).
-* **Adaptive arms** (a policy deciding at visits) are integrated visit to visit. At each
-  visit the observables of every draw are read from its own trajectory, the policy decides
-  per draw (:meth:`scenarios.policy.Policy.decide`), and each draw continues with its own
-  action. Drug exposure is analytic PK over *all* past doses (a depot given 3 weeks ago
-  still acts), so a draw's future depends on its whole dose history. Draws are therefore
-  grouped by identical decision history (the sequence of dose factors, which fixes the
-  doses); each group is integrated over the next visit interval from its members' states
-  at the previous visit, with its *complete* dose history as the regimen (``simulate``
-  counts doses before ``times[0]`` in the PK). This is exact, not an approximation.
+* **Fixed protocol arms** (a plan without a switch) are expanded with the patient's
+  covariates into one :class:`twin.Regimen` each, and all of them go through *one*
+  :func:`twin.simulate` call (every draw under every regimen).
+* **Adaptive arms** (a policy deciding at visits) and **switching arms** (a protocol with
+  "until progression then switch to ...") are integrated visit to visit by one loop
+  (:func:`_run_visits`) driven by a controller: at each visit the observables of every draw
+  are read from its own trajectory, and the controller decides per draw --
+  the policy (:meth:`scenarios.policy.Policy.decide`) for adaptive arms; for switching arms
+  whether the condition of the draw's next switch holds (progression: the scenario's first
+  criterion, by :func:`scenarios.outcomes.progression_known`, the definition of
+  :func:`~scenarios.outcomes.time_to_progression` applied to the trajectory so far;
+  resistance: resistant fraction above the scenario's threshold), in which case the draw's
+  remaining treatment becomes the next line, started at that visit. Drug exposure is
+  analytic PK over *all* past doses (a depot given 3 weeks ago still acts), so a draw's
+  future depends on its whole dose history. Draws are therefore grouped by identical dose
+  history (``controller.keys``: the sequence of decisions, or of switch times); each group
+  is integrated over the next visit interval from its members' states at the previous visit,
+  with its *complete* dose history as the regimen (``simulate`` counts doses before
+  ``times[0]`` in the PK). This is exact, not an approximation.
 
   Cost: one ``simulate`` call per (visit interval x distinct history). With ``V`` visits and
   ``D`` draws that is between ``V`` calls (all draws decide alike) and ``V x D`` calls (every
   draw has its own history), each over one visit interval only, so the integrated
-  time per draw is the same as for a protocol arm; the overhead is the number of calls.
+  time per draw is the same as for a fixed arm; the overhead is the number of calls.
+* **Stochastic acquired resistance** (``replicates > 1``; ``mutation_rate``) is computed for
+  every arm after its deterministic run (one-way coupling, as
+  :func:`twin.resistance.acquired_resistance`), per group of draws with one dose history;
+  draw ``k`` of arm ``a`` has its own seeded generator (:func:`_p_resistance`).
 
-Known limits: a protocol's ``until progression/resistance then ...`` switch is not
-evaluated yet (the plan is expanded up to the switch; ``attrs["notes"]`` says so);
-stochastic acquired resistance (``replicates > 1``) is computed for protocol arms only.
+Progression switches are evaluated at visits only: with a confirmed criterion (PCWG3, 21
+days) a progression is known, and the switch made, at the first visit on or after its
+confirmation. A switch at "toxicity" never happens (toxicity is not modelled; a note says so).
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ import numpy as np
 
 from twin.errors import InputError
 
-__all__ = ["PriorTwin", "prior_twin", "run_scenario", "save_result", "load_result", "scenario_drugs", "model_for_scenario",
+__all__ = ["PriorTwin", "prior_twin", "run_scenario", "run_trial", "save_result", "load_result", "scenario_drugs", "model_for_scenario",
            "TRAJECTORIES_FILE", "OUTCOMES_FILE"]
 
 TRAJECTORIES_FILE = "trajectories.nc"
@@ -233,6 +244,7 @@ def run_scenario(
     rtol: float = 1e-6,
     atol: float = 1e-9,
     scenario_path: str | os.PathLike | None = None,
+    mutation_rate: float | None = None,
 ):
     """Simulate every arm of ``scenario`` for every draw of ``twin``.
 
@@ -244,12 +256,14 @@ def run_scenario(
     draws : use only the first ``draws`` draws (default: all).
     seed : recorded, and the seed of stochastic resistance (default: the scenario's seed).
     progress : called with a dict ``{"arm", "step", "steps", "time", "message"}`` after
-        each protocol batch and each visit of an adaptive arm.
+        the batch of fixed protocol arms and each visit of an adaptive or switching arm.
     horizon : [day] cut the scenario short (visits after it are dropped); default the
         scenario's horizon.
     time_step : [day] spacing of the output grid (visit times and the horizon are added).
     rtol, atol : integrator tolerances (:func:`twin.simulate.simulate`).
     scenario_path : the scenario file, for its SHA-256 (default: ``scenario.source``).
+    mutation_rate : ``mu`` of the stochastic resistance (default: the scenario's
+        ``mutation_rate``, 1e-7); used when the scenario has ``replicates > 1``.
 
     Returns
     -------
@@ -257,10 +271,12 @@ def run_scenario(
     ``draw``, ``time``): ``tumor_volume``, ``cells_total``, ``psa`` (when the model has it),
     ``resistant_fraction`` (when it has resistant clones), ``on_treatment``,
     ``cumulative_dose`` (+ ``drug``), the compartments ``N_*``, ``dose_factor`` (adaptive
-    arms: the factor in force; protocol arms: NaN), ``status`` (arm, draw; 0 = ok) and,
-    with ``replicates > 1``, ``p_resistance``. Attrs: ``patient_id``, ``seed``,
+    arms: the factor in force; protocol arms: NaN), ``treatment_line`` (0 before any switch
+    of a protocol, k after its k-th switch), ``status`` (arm, draw; 0 = ok) and, with
+    ``replicates > 1``, ``p_resistance`` (every arm). Attrs: ``patient_id``, ``seed``,
     ``versions``, ``scenario``, ``scenario_sha256``, ``patient_sha256`` (JSON),
-    ``twin_kind``, ``visits``, ``horizon``, ``criteria``, ``notes``.
+    ``twin_kind``, ``visits``, ``horizon``, ``criteria``, ``progression_criterion``,
+    ``mutation_rate``, ``notes``.
     """
     import xarray as xr
 
@@ -298,12 +314,13 @@ def run_scenario(
     arm_names = [a.name for a in scenario.arms]
     n_arms, T = len(arm_names), len(times)
     comp = [s for s in model.state_names if s.startswith("N_")]
-    obs_names = [o for o in ("tumor_volume", "total_cells", "psa") if o in model.observable_names]
+    obs_names = [o for o in ("tumor_volume", "sld", "total_cells", "psa") if o in model.observable_names]
     shape = (n_arms, n, T)
     arrays = {o: np.full(shape, np.nan) for o in obs_names + comp}
     on_treatment = np.zeros(shape, bool)
     cum = np.zeros(shape + (len(drugs),))
     factor_arr = np.full(shape, np.nan)
+    line_arr = np.zeros(shape, np.int64)
     status = np.zeros((n_arms, n), np.int64)
     p_res = None
     t_start = _time.perf_counter()
@@ -312,16 +329,22 @@ def run_scenario(
         if progress is not None:
             progress(kw)
 
-    # protocol arms: one simulate call --------------------------------------------------
-    proto = [(i, a) for i, a in enumerate(scenario.arms) if not a.adaptive]
+    mu = float(scenario.mutation_rate if mutation_rate is None else mutation_rate)
+    if not 0 <= mu <= 1:
+        raise InputError(f"run_scenario: mutation_rate must be in [0, 1], received {mutation_rate!r}")
+    reps = int(scenario.replicates)
+    if reps > 1:
+        p_res = np.full(shape, np.nan)
+    need_states = reps > 1
+    crit = _switch_criterion(scenario, model, notes) if any("progression" in a.switch_conditions for a in scenario.arms) else None
+
+    # fixed protocol arms (no switch): one simulate call ------------------------------------
+    proto = [(i, a) for i, a in enumerate(scenario.arms) if not a.adaptive and not _switches(a)]
     if proto:
         regimens = {}
         for i, a in proto:
             ex = a.protocol.expansion(covariates, start=0.0, horizon=H)
-            if ex.message:
-                notes.append(f"arm {a.name!r}: {ex.message} (switch conditions are not evaluated yet)")
             regimens[a.name] = _regimen_from_events(ex.regimen.events())
-        need_states = scenario.replicates > 1
         ds = simulate(model, params, regimens, times, seed=seed, rtol=rtol, atol=atol, pathway_states=need_states)
         for k, (i, a) in enumerate(proto):
             for v in arrays:
@@ -330,25 +353,31 @@ def run_scenario(
             reg = regimens[a.name]
             on_treatment[i] = _on_treatment_from_table(a.protocol.expand(covariates, start=0.0, horizon=H), times)[None, :]
             cum[i] = _cumulative_dose(reg.events(), drugs, times)[None, :, :]
-        if scenario.replicates > 1:
-            p_res = np.full(shape, np.nan)
-            try:
-                from twin.resistance import acquired_resistance
-
-                ar = acquired_resistance(ds, model, params, regimens, n_replicates=scenario.replicates, seed=seed)
-                for k, (i, a) in enumerate(proto):
-                    p_res[i] = np.asarray(ar["p_resistance"].isel(regimen=k).transpose("draw", "time").values, float)
-            except InputError as e:
-                notes.append(f"stochastic resistance not computed: {e}")
+            if reps > 1:
+                states = np.stack([_take(ds, "regimen", sn, k) for sn in model.state_names], axis=-1)
+                p_res[i] = _p_resistance(model, params, states, times, {(): (np.arange(n), reg)}, mu, reps, seed, i, notes, a.name)
+        del ds
         report(arm=",".join(a.name for _, a in proto), step=1, steps=1, time=H,
                message=f"{len(proto)} protocol arm(s) x {n} draws simulated")
 
-    # adaptive arms: visit to visit ----------------------------------------------------------
-    for i, arm in ((i, a) for i, a in enumerate(scenario.arms) if a.adaptive):
-        _run_adaptive(i, arm, model, params, n, times, visits, H, covariates, drugs, arrays, on_treatment, cum,
-                      factor_arr, status, report, rtol=rtol, atol=atol, seed=seed)
-        if p_res is not None:
-            notes.append(f"arm {arm.name!r}: stochastic resistance is computed for protocol arms only (NaN here)")
+    # adaptive arms and arms that switch: visit to visit ------------------------------------------
+    for i, arm in enumerate(scenario.arms):
+        if arm.adaptive:
+            ctl = _PolicyArm(arm, n, covariates, H)
+        elif _switches(arm):
+            ctl = _SwitchArm(arm, n, covariates, H, scenario, crit, notes)
+            if "resistance" in arm.switch_conditions and not any(c.startswith("N_R") for c in comp):
+                notes.append(f"arm {arm.name!r}: the model has no resistant clone; the switch at resistance never happens")
+        else:
+            continue
+        states = _run_visits(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, on_treatment, cum,
+                             factor_arr, line_arr, status, report, rtol=rtol, atol=atol, seed=seed, keep_states=need_states)
+        if reps > 1:
+            groups: dict[tuple, list[int]] = {}
+            for j in range(n):
+                groups.setdefault(ctl.keys[j], []).append(j)
+            regs = {key: (np.array(m), _regimen_from_events(ctl.events(key))) for key, m in groups.items()}
+            p_res[i] = _p_resistance(model, params, states, times, regs, mu, reps, seed, i, notes, arm.name)
 
     # assemble ----------------------------------------------------------------------------------
     units = dict(model.observable_units)
@@ -370,6 +399,7 @@ def run_scenario(
     data["on_treatment"] = (("arm", "draw", "time"), on_treatment, {"units": "1"})
     data["cumulative_dose"] = (("arm", "draw", "time", "drug"), cum, {"units": "mg"})
     data["dose_factor"] = (("arm", "draw", "time"), factor_arr, {"units": "1", "description": "policy dose factor in force (adaptive arms)"})
+    data["treatment_line"] = (("arm", "draw", "time"), line_arr, {"units": "1", "description": "treatment line in force: 0 the first, k after the k-th switch of the protocol ('until progression then switch to ...')"})
     data["status"] = (("arm", "draw"), status, {"units": "1", "description": "0 ok; see twin.simulate.STATUS_CODES"})
     if p_res is not None:
         data["p_resistance"] = (("arm", "draw", "time"), p_res, {"units": "1", "description": "fraction of stochastic replicates with acquired resistance by t"})
@@ -393,6 +423,8 @@ def run_scenario(
         "resistance_threshold": float(scenario.outcomes.resistance_threshold),
         "resistance_horizon": float(scenario.outcomes.resistance_horizon or H),
         "replicates": int(scenario.replicates),
+        "mutation_rate": mu,
+        "progression_criterion": "" if crit is None else crit.name,
         "rtol": float(rtol),
         "atol": float(atol),
         "notes": "\n".join(notes),
@@ -402,69 +434,359 @@ def run_scenario(
     return check_result(ds_out)
 
 
-def _run_adaptive(i, arm, model, params, n, times, visits, H, covariates, drugs, arrays, on_treatment, cum,
-                  factor_arr, status, report, *, rtol, atol, seed):
-    """One adaptive arm: decide at each visit per draw, integrate groups of identical history."""
-    import pandas as pd
+def _per_patient_dosing(scenario, covariates) -> tuple:
+    """What of a patient changes the doses of ``scenario``: the weight when a dose is in
+    mg/kg, the body-surface area when one is in mg/m² (None otherwise)."""
+    from .protocol import Dose, DoseReduction, _flatten
 
+    units = set()
+    for arm in scenario.arms:
+        for proto in _protocols(arm):
+            for st in proto.steps:
+                stack = list(_flatten(st))
+                while stack:
+                    x = stack.pop()
+                    if isinstance(x, (Dose, DoseReduction)):
+                        units.add(x.unit)
+                    elif hasattr(x, "to"):
+                        stack.append(x.to)
+                    elif hasattr(x, "steps"):
+                        stack.extend(x.steps)
+    w = getattr(covariates, "weight", None) if "mg/kg" in units else None
+    b = getattr(covariates, "bsa", None) if "mg/m2" in units else None
+    return (None if w is None else float(w), None if b is None else float(b))
+
+
+def run_trial(twins, scenario, *, draws: int | None = None, progress: Callable[[dict], None] | None = None, **kwargs) -> list:
+    """:func:`run_scenario` for several twins (a virtual trial), batched.
+
+    Twins that share the model and whose doses are the same (no mg/kg or mg/m² dose, or the
+    same weight / body-surface area) are run together as one twin whose draws are all their
+    draws, so each visit interval is one integration for all of them instead of one per
+    patient (the integrator's cost per step hardly depends on the number of draws). Every
+    draw is still simulated and decided on its own, so each patient's result equals its own
+    :func:`run_scenario` run, except ``p_resistance`` (its replicates are seeded by the draw's
+    index in the batch) and integrator round-off (each member has its own step size).
+
+    Returns one result per twin, in order, each with that patient's provenance attrs and
+    ``trial_batch_size`` (how many twins shared its run). ``draws``: the first ``draws``
+    draws of every twin. Other keywords go to :func:`run_scenario`.
+    """
+    from .scenario import Scenario
+
+    if isinstance(scenario, (str, os.PathLike)):
+        kwargs.setdefault("scenario_path", scenario)
+        scenario = Scenario.from_toml(scenario)
+    tws = [_as_twin(t) for t in twins]
+    if not tws:
+        raise InputError("run_trial: give at least one twin")
+    H = float(scenario.horizon if kwargs.get("horizon") is None else kwargs["horizon"])
+    groups: dict[tuple, list[int]] = {}
+    for k, tw in enumerate(tws):
+        names = tuple(sorted(x for x in tw.draws if x in set(tw.model.parameter_names)))
+        key = (id(tw.model), names, _per_patient_dosing(scenario, getattr(tw.patient, "covariates", None)))
+        groups.setdefault(key, []).append(k)
+    out: list = [None] * len(tws)
+    for members in groups.values():
+        first = tws[members[0]]
+        sizes = []
+        for k in members:
+            n_k = tws[k].n_draws if draws is None else int(draws)
+            if not 1 <= n_k <= tws[k].n_draws:
+                raise InputError(f"run_trial: draws={draws!r} but twin {k} has {tws[k].n_draws} draw(s)")
+            sizes.append(n_k)
+        params = {}
+        for name in (x for x in first.draws if x in set(first.model.parameter_names)):
+            params[name] = np.concatenate([
+                np.broadcast_to(np.asarray(tws[k].draws[name], float), (tws[k].n_draws,))[:n_k] for k, n_k in zip(members, sizes)
+            ])
+        big = PriorTwin(first.patient, first.model, params, seed=first.seed, kind=first.kind)
+        res = run_scenario(big, scenario, progress=progress, **kwargs)
+        offset = 0
+        for k, n_k in zip(members, sizes):
+            tw = tws[k]
+            sub = res.isel(draw=slice(offset, offset + n_k)).assign_coords(draw=np.arange(n_k))
+            offset += n_k
+            psrc = getattr(tw.patient, "source", None) or {}
+            sub.attrs = dict(res.attrs)
+            sub.attrs.update({
+                "patient_id": str(getattr(tw.patient, "id", "unknown")),
+                "patient_sha256": json.dumps(psrc.get("sha256", {}) if isinstance(psrc, Mapping) else {}, sort_keys=True),
+                "patient_source": str(psrc.get("path", "")) if isinstance(psrc, Mapping) else "",
+                "twin_kind": tw.kind,
+                "twin_seed": -1 if tw.seed is None else int(tw.seed),
+                "trial_batch_size": len(members),
+            })
+            out[k] = sub
+    return out
+
+
+def _switches(arm) -> bool:
+    """True when ``arm`` is a protocol arm with a :class:`~scenarios.protocol.Switch`."""
+    return not arm.adaptive and bool(arm.switch_conditions)
+
+
+def _switch_criterion(scenario, model, notes):
+    """The progression criterion of switches: the first of the scenario's criteria whose
+    variable is simulated (``recist_sld`` falls back to ``recist_volume`` without ``sld``)."""
+    from .outcomes import CRITERIA
+
+    simulated = set(model.observable_names)
+    for name in scenario.outcomes.criteria:
+        c = CRITERIA[name]
+        if c.variable in simulated:
+            return c
+        if name == "recist_sld" and "tumor_volume" in simulated:
+            notes.append("switch at progression: the model simulates no sld; RECIST 1.1 is assessed on the tumour volume (recist_volume)")
+            return CRITERIA["recist_volume"]
+    raise InputError(
+        f"run_scenario: an arm switches at progression but none of the criteria {list(scenario.outcomes.criteria)} "
+        f"can be assessed: the model simulates {sorted(simulated)}; name a criterion on one of them in [outcomes] criteria"
+    )
+
+
+class _PolicyArm:
+    """Visit controller of an adaptive arm: the policy decides per draw at each visit.
+
+    ``keys[j]`` identifies draw ``j``'s dose history (the sequence of decisions, with the
+    anchor of each treatment period); draws with equal keys have identical doses."""
+
+    def __init__(self, arm, n, covariates, H):
+        self.arm, self.n, self.cov, self.H = arm, n, covariates, H
+        self.policy = arm.policy
+        self.state = self.policy.initial_state(n)
+        bg = arm.background.expand(covariates, start=0.0, horizon=H).events() if arm.background is not None else None
+        self.keys: list[tuple] = [() for _ in range(n)]
+        self._events: dict[tuple, Any] = {(): bg if bg is not None and len(bg) else None}
+        self._doses: dict[tuple, Any] = {}
+        self._bg_reg = arm.background.expand(covariates, start=0.0, horizon=H) if arm.background is not None else None
+        self.prev_t = None
+        self.factors = np.ones(n)
+
+    def events(self, key):
+        return self._events[key]
+
+    def visit(self, t0, t1, observed, history, drugs):
+        import pandas as pd
+
+        from .scenario import policy_doses
+
+        delivered = {}
+        if self.prev_t is not None:
+            per_key = {}
+            for key in set(self.keys):
+                ev = self._events[key]
+                per_key[key] = [_delivered(ev, d, self.prev_t, t0) for d in drugs]
+            for k_d, d in enumerate(drugs):
+                delivered[d] = np.array([per_key[self.keys[j]][k_d] for j in range(self.n)])
+        factors, self.state = self.policy.decide(self.state, t0, observed, delivered=delivered or None)
+        self.prev_t = t0
+        self.factors = np.asarray(factors, float)
+        anchors = np.asarray(self.state.phase_start, float)
+        for j in range(self.n):
+            f = round(float(self.factors[j]), 12)
+            anchor = round(float(anchors[j]), 9) if f > 0 else None
+            key = self.keys[j] + ((f, anchor),)
+            if key not in self._events:
+                parent = self._events[self.keys[j]]
+                new = None
+                if f > 0:
+                    dk = (anchor, t0, t1, f)
+                    if dk not in self._doses:
+                        self._doses[dk] = policy_doses(self.arm.treat, anchor=anchor, start=t0, stop=t1, factor=f,
+                                                       covariates=self.cov).events()
+                    new = self._doses[dk]
+                parts = [e for e in (parent, new) if e is not None and len(e)]
+                self._events[key] = pd.concat(parts, ignore_index=True) if parts else None
+            self.keys[j] = key
+
+    def factor(self):
+        return self.factors
+
+    def line(self):
+        return np.zeros(self.n, np.int64)
+
+    def on_treatment(self, times_fill):
+        bg_on = _on_treatment_from_table(self._bg_reg, times_fill) if self._bg_reg is not None else np.zeros(len(times_fill), bool)
+        return (self.factors > 0)[:, None] | bg_on[None, :]
+
+
+class _SwitchArm:
+    """Visit controller of a protocol arm with switches ("until progression then switch to
+    ..."): each draw follows its own path. Line 0 is the plan before the first switch; at
+    each visit a draw still before its last line is checked for the condition of its next
+    switch, on its own simulated trajectory so far; when it holds, the draw's remaining
+    treatment is replaced by the next line, started at that visit.
+
+    ``keys[j]``: the tuple of draw ``j``'s switch times (equal keys, identical doses)."""
+
+    def __init__(self, arm, n, covariates, H, scenario, criterion, notes):
+        from .protocol import DoseReduction, Switch, _flatten
+
+        self.arm, self.n, self.cov, self.H = arm, n, covariates, H
+        self.criterion = criterion
+        self.threshold = float(scenario.outcomes.resistance_threshold)
+        self.visits = np.asarray(scenario.visits, float)
+        flat = [s for st in arm.protocol.steps for s in _flatten(st)]
+        self.reductions = [s for s in flat if isinstance(s, DoseReduction)]
+        self.lines: list[list] = [[]]
+        self.conditions: list[str | None] = [None]  # conditions[m]: what starts line m
+        for st in flat:
+            if isinstance(st, DoseReduction):
+                continue
+            if isinstance(st, Switch):
+                self.lines.append([st.to])
+                self.conditions.append(st.at)
+            else:
+                self.lines[-1].append(st)
+        for c in set(self.conditions[1:]):
+            if c == "toxicity":
+                notes.append(f"arm {arm.name!r}: toxicity is not modelled; the switch at toxicity never happens")
+        self.keys: list[tuple] = [() for _ in range(n)]
+        self.n_lines = len(self.lines)
+        self._lines: dict[tuple[int, float], Any] = {}
+        self._events: dict[tuple, Any] = {}
+
+    def _line(self, m: int, start: float):
+        """The Regimen of line ``m`` started at ``start`` (cut at the horizon)."""
+        from .protocol import DoseReduction, Protocol
+
+        k = (m, round(start, 9))
+        if k not in self._lines:
+            if m == 0:
+                reg = self.arm.protocol.expansion(self.cov, start=0.0, horizon=self.H).regimen
+            elif start >= self.H - _EPS:
+                from twin.regimen import Regimen
+
+                reg = Regimen.empty()
+            else:
+                steps = list(self.lines[m])
+                given = {d for st in steps for d in _drugs(st)}
+                for r in self.reductions:  # 'after' counts from the protocol's start
+                    if r.drug in given:
+                        steps.append(DoseReduction(r.drug, factor=r.factor, amount=r.amount, unit=r.unit,
+                                                   after=max(0.0, r.after - start)))
+                reg = Protocol(tuple(steps), drugs=self.arm.protocol.drugs).expand(self.cov, start=start, horizon=self.H)
+            self._lines[k] = reg
+        return self._lines[k]
+
+    def _windows(self, key):
+        starts = (0.0,) + tuple(key)
+        ends = tuple(key) + (np.inf,)
+        return [(m, a, b) for m, (a, b) in enumerate(zip(starts, ends))]
+
+    def events(self, key):
+        import pandas as pd
+
+        if key not in self._events:
+            parts = []
+            for m, a, b in self._windows(key):
+                ev = self._line(m, a).events()
+                if len(ev):
+                    ev = ev[(ev["time"] >= a - _EPS) & (ev["time"] < b - _EPS)]
+                if len(ev):
+                    parts.append(ev)
+            self._events[key] = pd.concat(parts, ignore_index=True) if parts else None
+        return self._events[key]
+
+    def visit(self, t0, t1, observed, history, drugs):
+        line = np.array([len(k) for k in self.keys])
+        todo = np.nonzero(line < self.n_lines - 1)[0]
+        if not len(todo):
+            return
+        switch = np.zeros(self.n, bool)
+        by_start: dict[tuple[float, int], list[int]] = {}
+        for j in todo:
+            by_start.setdefault(((self.keys[j][-1] if self.keys[j] else 0.0), int(line[j])), []).append(j)
+        for (s0, m), members in by_start.items():
+            cond = self.conditions[m + 1]
+            m_idx = np.array(members)
+            if cond == "progression":
+                c = self.criterion
+                times, values = history(c.variable)
+                keep = times >= s0 - _EPS
+                vt = self.visits[(self.visits >= s0 - _EPS) & (self.visits <= t0 + _EPS)] - s0
+                if len(vt) >= 2:
+                    from .outcomes import progression_known
+
+                    switch[m_idx] = progression_known(values[m_idx][:, keep], times[keep] - s0, vt, c)
+            elif cond == "resistance":
+                rf = observed.get("resistant_fraction")
+                if rf is not None:
+                    with np.errstate(invalid="ignore"):
+                        switch[m_idx] = np.asarray(rf, float)[m_idx] > self.threshold
+        for j in np.nonzero(switch)[0]:
+            self.keys[j] = self.keys[j] + (float(t0),)
+
+    def factor(self):
+        return np.full(self.n, np.nan)
+
+    def line(self):
+        return np.array([len(k) for k in self.keys], np.int64)
+
+    def on_treatment(self, times_fill):
+        out = np.zeros((self.n, len(times_fill)), bool)
+        rows: dict[tuple, np.ndarray] = {}
+        for j, key in enumerate(self.keys):
+            if key not in rows:
+                on = np.zeros(len(times_fill), bool)
+                for m, a, b in self._windows(key):
+                    inside = (times_fill >= a - _EPS) & (times_fill < b - _EPS)
+                    if inside.any():
+                        on |= _on_treatment_from_table(self._line(m, a), times_fill) & inside
+                rows[key] = on
+            out[j] = rows[key]
+        return out
+
+
+def _drugs(step) -> list[str]:
+    from .protocol import _drugs_of
+
+    return [str(d).lower() for d in _drugs_of(step)]
+
+
+def _run_visits(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, on_treatment, cum,
+                factor_arr, line_arr, status, report, *, rtol, atol, seed, keep_states=False):
+    """One arm integrated visit to visit. At each visit the controller ``ctl`` (a policy, or
+    the switches of a protocol) decides per draw from that draw's own simulated observables;
+    draws with identical dose history (``ctl.keys``) are integrated together over the next
+    visit interval from their states at the visit, with their complete dose history as the
+    regimen (``simulate`` counts doses before ``times[0]`` in the PK): exact.
+
+    Returns the states ``(n, time, state)`` when ``keep_states`` (else None)."""
     from twin.simulate import simulate
 
-    from .scenario import policy_doses
-
-    policy = arm.policy
-    state = policy.initial_state(n)
-    bg_events = arm.background.expand(covariates, start=0.0, horizon=H).events() if arm.background is not None else None
-    hist: list[list] = [[] for _ in range(n)]  # per draw: list of event DataFrames (treat doses)
-    keys: list[tuple] = [() for _ in range(n)]
     y = None  # (n, n_states) at the current visit; None = model.initial_state
     state_names = list(model.state_names)
+    states_all = np.full((n, len(times), len(state_names)), np.nan) if keep_states else None
     obs_now: dict[str, np.ndarray] | None = None
-    prev_t = None
     seg_bounds = list(visits) + ([H] if visits[-1] < H - _EPS else [])
     n_seg = len(seg_bounds) - 1
-
-    def draw_events(j):
-        parts = [e for e in hist[j] if len(e)]
-        if bg_events is not None and len(bg_events):
-            parts = [bg_events] + parts
-        return pd.concat(parts, ignore_index=True) if parts else None
-
-    # observables at the first visit (before any dose; the state there does not depend on doses)
     if visits[0] > _EPS or n_seg == 0:
         raise InputError(f"arm {arm.name!r}: the first visit must be at day 0 and the horizon after it")
     for k in range(n_seg):
         t0, t1 = float(seg_bounds[k]), float(seg_bounds[k + 1])
+        if obs_now is None:
+            obs_now = _initial_observables(model, params, n, t0, t1, rtol, atol)
+        i0 = int(np.searchsorted(times, t0 - _EPS))
+
+        def history(var, _i0=i0):
+            return times[: _i0 + 1], arrays[var][i][:, : _i0 + 1]
+
         if k < len(visits) and abs(visits[k] - t0) < _EPS:
-            if obs_now is None:
-                obs_now = _initial_observables(model, params, n, t0, t1, rtol, atol)
-            delivered = {}
-            if prev_t is not None:
-                for d in drugs:
-                    delivered[d] = np.array([_delivered(draw_events(j), d, prev_t, t0) for j in range(n)])
-            observed = _observed(obs_now)
-            factors, state = policy.decide(state, t0, observed, delivered=delivered or None)
-            prev_t = t0
-            for j in range(n):
-                f = float(factors[j])
-                keys[j] = keys[j] + (round(f, 12),)
-                if f > 0:
-                    reg = policy_doses(arm.treat, anchor=float(state.phase_start[j]), start=t0, stop=t1, factor=f,
-                                       covariates=covariates)
-                    hist[j].append(reg.events())
-        else:  # pragma: no cover - segments start at visits by construction
-            factors = state.factor
+            ctl.visit(t0, t1, _observed(obs_now), history, drugs)
         mask_t = (times >= t0 - _EPS) & (times <= t1 + _EPS)
         seg_times = times[mask_t]
         idx_t = np.nonzero(mask_t)[0]
         groups: dict[tuple, list[int]] = {}
         for j in range(n):
-            groups.setdefault(keys[j], []).append(j)
+            groups.setdefault(ctl.keys[j], []).append(j)
         y_next = np.full((n, len(state_names)), np.nan)
         obs_next = {o: np.full(n, np.nan) for o in obs_now}
         for key, members in groups.items():
             m = np.array(members)
             sub = {kk: (v[m] if np.ndim(v) else v) for kk, v in params.items()}
-            ev = draw_events(members[0])
+            ev = ctl.events(key)
             reg = _regimen_from_events(ev)
             init = None if y is None else y[m]
             ds = simulate(model, sub, {arm.name: reg}, seg_times, seed=seed, rtol=rtol, atol=atol,
@@ -473,8 +795,10 @@ def _run_adaptive(i, arm, model, params, n, times, visits, H, covariates, drugs,
                 arrays[v][i][np.ix_(m, idx_t)] = _take(ds, "regimen", v)
             st = np.asarray(ds["status"].isel(regimen=0).values)
             status[i, m] = np.maximum(status[i, m], st)
-            for s_i, s in enumerate(state_names):
-                y_next[m, s_i] = _take(ds, "regimen", s)[:, -1]
+            block = np.stack([_take(ds, "regimen", s) for s in state_names], axis=-1)  # (members, T, S)
+            y_next[m] = block[:, -1, :]
+            if states_all is not None:
+                states_all[np.ix_(m, idx_t)] = block
             for o in obs_next:
                 obs_next[o][m] = _take(ds, "regimen", o)[:, -1]
             c = _cumulative_dose(ev, drugs, seg_times)
@@ -482,13 +806,66 @@ def _run_adaptive(i, arm, model, params, n, times, visits, H, covariates, drugs,
         # the state in force over [t0, t1): set the interval's grid points (t1 gets the next decision)
         last = k == n_seg - 1
         fill = idx_t if last else idx_t[:-1]
-        factor_arr[i][:, fill] = np.asarray(factors, float)[:, None]
-        bg_on = _on_treatment_from_table(arm.background.expand(covariates, start=0.0, horizon=H), times[fill]) \
-            if arm.background is not None else np.zeros(len(fill), bool)
-        on_treatment[i][:, fill] = (np.asarray(factors, float) > 0)[:, None] | bg_on[None, :]
+        factor_arr[i][:, fill] = np.asarray(ctl.factor(), float)[:, None]
+        line_arr[i][:, fill] = ctl.line()[:, None]
+        on_treatment[i][:, fill] = ctl.on_treatment(times[fill])
         y, obs_now = y_next, obs_next
         report(arm=arm.name, step=k + 1, steps=n_seg, time=t1,
                message=f"arm {arm.name}: visit {k + 1}/{n_seg} (day {t0:g}), {len(groups)} distinct dose histories")
+    return states_all
+
+
+def _p_resistance(model, params, states, times, groups, mu, n_rep, seed, arm_index, notes, arm_name) -> np.ndarray:
+    """Stochastic acquired resistance of one arm: ``p_resistance`` (draw, time).
+
+    The computation of :func:`twin.resistance.acquired_resistance` (the sensitive clone's
+    division flux from the simulated states and the regimen's analytic exposure; resistant
+    lineages with the time-averaged rates of the resistant clone; ``n_rep`` replicates per
+    draw), for every group of draws sharing one regimen (``groups``: key -> (members,
+    Regimen)): protocol arms have one group, adaptive and switching arms one per distinct dose
+    history. Draw ``k`` of arm ``a`` always uses the generator
+    ``SeedSequence(seed).spawn(a + 1)[a].spawn(k + 1)[k]``, so a draw's replicates depend on
+    neither the grouping nor the number of draws.
+    """
+    from twin import pk
+    from twin.resistance import emergence_times
+
+    n, T, _ = states.shape
+    out = np.full((n, T), np.nan)
+    clones = list(model.clones)
+    c_res = 1 if len(clones) > 1 else 0
+    root = np.random.SeedSequence(int(seed))
+    i_s = model.state_names.index("N_S")
+    nd = len(model.drugs)
+    for members, reg in groups.values():
+        y = states[members]  # (D, T, S)
+        D = len(members)
+        ok = np.isfinite(y).all(axis=(1, 2))
+        if not ok.any():
+            continue
+        y, mem = y[ok], members[ok]
+        D = len(mem)
+        expo = np.zeros((T, nd))
+        if len(reg):
+            ex = pk.exposure(reg, times=times, warn=False)
+            for j, d in enumerate(model.drugs):
+                if d in ex.inhibition:
+                    expo[:, j] = np.asarray(ex.inhibition[d], dtype=float)
+        pars = {k: (np.repeat(np.asarray(v, float)[mem], T) if np.ndim(v) else np.full(D * T, float(v))) for k, v in params.items()}
+        division, loss = model.clone_rates(y.reshape(D * T, -1), pars, np.tile(expo, (D, 1)))
+        division = division.numpy().reshape(D, T, -1)
+        loss = loss.numpy().reshape(D, T, -1)
+        flux = np.nan_to_num(division[:, :, 0] * y[:, :, i_s], nan=0.0)
+        b_r = np.nanmean(division[:, :, c_res], axis=1)
+        d_r = np.nanmean(loss[:, :, c_res], axis=1)
+        seeds = [np.random.SeedSequence(root.entropy, spawn_key=(int(arm_index), int(k))) for k in mem]
+        try:
+            res = emergence_times(np.clip(flux, 0.0, None), times, mu, b_r, d_r, n_replicates=n_rep, seed=seeds)
+        except ValueError as e:
+            notes.append(f"arm {arm_name!r}: stochastic resistance not computed for {D} draw(s): {e}")
+            continue
+        out[mem] = (res.emergence_time[:, :, None] <= times[None, None, :]).mean(axis=1)
+    return out
 
 
 def _initial_observables(model, params, n, t0, t1, rtol, atol) -> dict[str, np.ndarray]:

@@ -84,7 +84,7 @@ criteria = ["pcwg3_psa"]
 LIBRARY = Path(__file__).resolve().parent / "library"
 
 _TOP_KEYS = ("scenario", "arm", "outcomes")
-_SCENARIO_KEYS = ("name", "description", "horizon", "visits", "seed", "replicates")
+_SCENARIO_KEYS = ("name", "description", "horizon", "visits", "seed", "replicates", "mutation_rate")
 _ARM_KEYS = ("name", "description", "protocol", "policy", "treat", "background", "limits")
 _OUTCOME_KEYS = ("criteria", "resistance_threshold", "resistance_horizon")
 _EPS = 1e-9
@@ -300,7 +300,10 @@ class Scenario:
         where policies decide and progression is assessed.
     outcomes : :class:`OutcomeSpec`.
     seed : random seed (stochastic resistance; recorded in the results).
-    replicates : stochastic replicates per draw (>= 1).
+    replicates : stochastic replicates per draw (>= 1; > 1 turns on stochastic acquired
+        resistance, :func:`twin.resistance.acquired_resistance`).
+    mutation_rate : probability per sensitive-cell division of a resistant daughter
+        (``mu`` of the stochastic resistance; default 1e-7), in [0, 1].
     description : free text.
     source : the file it was read from (None for a dict).
     """
@@ -314,6 +317,7 @@ class Scenario:
     replicates: int = 1
     description: str = ""
     source: str | None = field(default=None, compare=False)
+    mutation_rate: float = 1e-7
 
     def __post_init__(self):
         s = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -347,6 +351,10 @@ class Scenario:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise InputError(f"{k} = {v!r}: expected a whole number >= {lo}")
             s(k, int(v))
+        mu = self.mutation_rate
+        if isinstance(mu, bool) or not isinstance(mu, (int, float, np.integer, np.floating)) or not 0 <= float(mu) <= 1:
+            raise InputError(f"mutation_rate = {mu!r}: expected a probability per division in [0, 1], e.g. 1e-7")
+        s("mutation_rate", float(mu))
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -522,6 +530,9 @@ class _Builder:
         reps = sc.get("replicates", 1)
         if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
             self.problem("scenario.replicates", f"replicates = {reps!r}: expected a whole number >= 1")
+        mu = sc.get("mutation_rate", 1e-7)
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu <= 1:
+            self.problem("scenario.mutation_rate", f"mutation_rate = {mu!r}: expected a probability per division in [0, 1], e.g. 1e-7")
 
         arms = self.arms(data.get("arm"), "arm" in data)
         outcomes = self.outcomes(data.get("outcomes"))
@@ -539,7 +550,8 @@ class _Builder:
             raise ScenarioError(self.source, self.problems)
         try:
             return Scenario(name=name, arms=tuple(arms), horizon=horizon, visits=visits, outcomes=outcomes,
-                            seed=seed, replicates=reps, description=description, source=self.source)
+                            seed=seed, replicates=reps, description=description, source=self.source,
+                            mutation_rate=mu)
         except InputError as e:  # pragma: no cover - the checks above come first
             raise ScenarioError(self.source, [ScenarioProblem("", str(e))]) from None
 

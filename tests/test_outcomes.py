@@ -331,3 +331,38 @@ def test_standard_outcomes_and_summary_table():
     table = oc.summarize(outs)
     assert set(table["arm"]) == {"A", "B"}
     assert (table.loc[table["outcome"] == "treatment_days", "median"] == 200.0).all()
+
+
+# ----------------------------------------------------------------------------- progression known so far
+
+
+def test_progression_known_agrees_with_time_to_progression():
+    """At each visit, progression_known on the trajectory observed so far is True exactly from
+    the time-to-progression visit on (criteria without confirmation), so a runner switching at
+    the first visit where it is known switches at the outcome's event time."""
+    rng = np.random.default_rng(0)
+    times = np.arange(0.0, 113.0)
+    visits = np.arange(0.0, 113.0, 28.0)
+    y = 50.0 * np.exp(np.cumsum(rng.normal(0.0, 0.04, (40, times.size)), axis=1))
+    ds = build_result(times, ["A"], {"sld": y[None]})
+    ttp = oc.time_to_progression(ds, "recist_sld", visits=visits).values[0]
+    assert np.isfinite(ttp).any() and np.isinf(ttp).any()
+    for t in visits:
+        keep = times <= t
+        known = oc.progression_known(y[:, keep], times[keep], visits, "recist_sld")
+        np.testing.assert_array_equal(known, ttp <= t)
+
+
+def test_progression_known_waits_for_pcwg3_confirmation():
+    # PSA nadir 5 at day 28, 8 at day 56 (>= 25 % and >= 2 above the nadir), still 8 at 77:
+    # the event is day 56 (time_to_progression), known once day 56 + 21 = 77 is observed.
+    times = np.array([0.0, 28, 56, 77, 84])
+    psa = np.array([[10.0, 5, 8, 8, 8]])
+    vis = np.array([0.0, 28, 56, 84])
+    assert not oc.progression_known(psa[:, :3], times[:3], vis, "pcwg3_psa")
+    assert oc.progression_known(psa[:, :4], times[:4], vis, "pcwg3_psa")
+    ds = build_result(times, ["A"], {"psa": psa[None]})
+    assert float(oc.time_to_progression(ds, "pcwg3_psa", visits=np.array([0.0, 28, 56, 84])).values.ravel()[0]) == 56
+    # a single visit (the baseline) knows nothing; NaN rows never progress
+    assert not oc.progression_known(psa[:, :1], times[:1], vis, "pcwg3_psa").any()
+    assert not oc.progression_known(np.array([[10.0, np.nan, 30, 30, 30]]), times, vis, "recist_volume").any()

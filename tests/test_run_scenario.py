@@ -7,6 +7,7 @@ import pytest
 import xarray as xr
 
 from scenarios import Arm, Scenario
+from scenarios.scenario import OutcomeSpec
 from scenarios.outcomes import check_result
 from scenarios.run import load_result, prior_twin, run_scenario, save_result
 from twin.model import TwinModel
@@ -170,3 +171,226 @@ def test_cli_user_mistakes_exit_1(tmp_path, capsys):
     assert "bad.toml" in err and "Traceback" not in err
     assert main(["compare", str(tmp_path / "missing")]) == 1
     assert "twin simulate" in capsys.readouterr().err
+
+
+# -- switching at progression ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def switching(patient):
+    """Hand-built draws: untreated growth until progression, then docetaxel from that visit.
+
+    Line 0 is a rest over the whole horizon (the untreated course), so each draw's progression
+    visit is the RECIST-volume time to progression of the untreated arm, known in advance.
+    Draw 2 barely grows (never progresses); draw 3 progresses first."""
+    from scenarios.protocol import Dose, Protocol, Rest, Switch
+
+    model = TwinModel.from_graph(None, drugs=["paclitaxel", "docetaxel"], pathway=False)
+    draws = {
+        "N0": np.array([1e9, 1e9, 1e9, 1e9]),
+        "K": np.full(4, 1e13),
+        "r_max": np.array([0.018, 0.0149, 0.0011, 0.023]),
+        "d_max": np.array([0.01, 0.01, 0.001, 0.01]),
+        "kill_paclitaxel": np.array([0.2, 0.002, 0.2, 0.001]),  # draws 1 and 3 resist paclitaxel
+        "kill_docetaxel": np.full(4, 0.3),
+    }
+    H = 168.0
+    sequential = Protocol((Rest(H), Switch(Dose("docetaxel", 75, "mg/m2", "iv", every=21), "progression")))
+    sc = Scenario(
+        name="switch-test",
+        arms=(
+            Arm("untreated", protocol="rest for 24 weeks"),
+            Arm("rest_then_docetaxel", protocol=sequential),
+            Arm("paclitaxel_then_docetaxel",
+                protocol="paclitaxel 80 mg/m2 iv weekly until progression then switch to docetaxel 75 mg/m2 iv every 3 weeks"),
+        ),
+        horizon=H,
+        visits="every 2 weeks",
+        outcomes=OutcomeSpec(criteria=("recist_volume",)),
+        seed=1,
+    )
+    res = run_scenario((patient, model, draws), sc, **TOL)
+    return sc, res
+
+
+def test_switch_happens_exactly_at_the_progression_visit(switching):
+    from scenarios.outcomes import time_to_progression
+
+    sc, res = switching
+    visits = np.asarray(sc.visits)
+    ttp = time_to_progression(res.sel(arm=["untreated"]), "recist_volume", visits=visits).sel(arm="untreated").values
+    assert np.isfinite(ttp[[0, 1, 3]]).all() and ttp[3] < ttp[0] < ttp[1] < sc.horizon  # a known visit each
+    assert np.isinf(ttp[2])  # draw 2 never progresses
+    t = res["time"].values
+    cd = res["cumulative_dose"].sel(arm="rest_then_docetaxel", drug="docetaxel").values  # (draw, time)
+    line = res["treatment_line"].sel(arm="rest_then_docetaxel").values
+    tv = res["tumor_volume"]
+    for j in (0, 1, 3):
+        assert cd[j, t < ttp[j] - 1e-9].max() == 0  # no docetaxel before the progression visit
+        assert cd[j, t == ttp[j]][0] > 0  # the first dose at that visit
+        assert (line[j, t < ttp[j]] == 0).all() and (line[j, t >= ttp[j]] == 1).all()
+        # identical to untreated up to the switch, then treated (smaller)
+        before = t <= ttp[j]
+        np.testing.assert_allclose(tv.sel(arm="rest_then_docetaxel").values[j, before],
+                                   tv.sel(arm="untreated").values[j, before], rtol=1e-8)
+        assert tv.sel(arm="rest_then_docetaxel").values[j, -1] < tv.sel(arm="untreated").values[j, -1]
+        on = res["on_treatment"].sel(arm="rest_then_docetaxel").values[j]
+        assert not on[t < ttp[j] - 1e-9].any() and on[t == ttp[j]][0]
+    # the draw that never progresses never switches
+    assert (cd[2] == 0).all() and (line[2] == 0).all()
+    np.testing.assert_allclose(tv.sel(arm="rest_then_docetaxel").values[2], tv.sel(arm="untreated").values[2], rtol=1e-8)
+    assert res.attrs["progression_criterion"] == "recist_volume"
+
+
+def test_switch_from_monotherapy_uses_each_draws_own_progression(switching):
+    """'paclitaxel ... until progression then switch to docetaxel': each draw switches at its
+    own progression under paclitaxel (outcomes' definition on its own trajectory), and stops
+    paclitaxel there."""
+    from scenarios.outcomes import time_to_progression
+
+    sc, res = switching
+    arm = res.sel(arm=["paclitaxel_then_docetaxel"])
+    t = res["time"].values
+    cd_p = arm["cumulative_dose"].sel(drug="paclitaxel").values[0]
+    cd_d = arm["cumulative_dose"].sel(drug="docetaxel").values[0]
+    line = arm["treatment_line"].values[0]
+    switched = line[:, -1] == 1
+    assert switched.any() and not switched.all()
+    for j in range(res.sizes["draw"]):
+        if not switched[j]:
+            assert (cd_d[j] == 0).all()
+            continue
+        ts = t[np.argmax(line[j] == 1)]
+        assert ts in sc.visits
+        # progression at ts by the outcome definition on the trajectory observed so far
+        upto = res.sel(arm=["paclitaxel_then_docetaxel"]).isel(draw=[j]).sel(time=slice(None, ts))
+        ttp = time_to_progression(upto, "recist_volume", visits=np.asarray(sc.visits)).values.ravel()[0]
+        assert ttp == ts
+        assert cd_d[j, t < ts - 1e-9].max() == 0 and cd_d[j, t == ts][0] > 0
+        assert cd_p[j, -1] == cd_p[j, t < ts - 1e-9][-1]  # no paclitaxel from the switch on
+
+
+def test_switch_library_scenario_parses_into_lines():
+    from scenarios.run import _SwitchArm
+    from scenarios.scenario import library_path
+
+    sc = Scenario.from_toml(library_path("braf_mek_combination_vs_mono_vs_sequential"))
+    arm = sc.arm("dabrafenib_then_trametinib")
+    ctl = _SwitchArm(arm, 2, None, sc.horizon, sc, None, [])
+    assert ctl.n_lines == 2 and ctl.conditions == [None, "progression"]
+    ev0 = ctl.events(())
+    assert set(ev0["drug"]) == {"dabrafenib"} and ev0["time"].max() < sc.horizon
+    ev1 = ctl.events((112.0,))
+    assert set(ev1[ev1["time"] < 112]["drug"]) == {"dabrafenib"}
+    assert set(ev1[ev1["time"] >= 112]["drug"]) == {"trametinib"} and ev1[ev1["drug"] == "trametinib"]["time"].min() == 112
+
+
+# -- stochastic resistance in every arm ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def resistant_setup(patient):
+    from twin.graph import load_pathway
+
+    model = TwinModel.from_graph(load_pathway("mapk_pi3k"), drugs=["trametinib"], mechanisms=["mek_mutation"], pathway=False)
+    draws = {"N0": np.full(3, 1e8), "r_max": np.array([0.3, 0.25, 0.35]), "d_max": np.full(3, 0.02),
+             "K": np.full(3, 1e14), "frac_mek_mutation": np.full(3, 1e-9)}
+    tram = "trametinib 2 mg oral daily"
+
+    def scenario(replicates, mu=1e-7):
+        return Scenario(
+            name="resistance-test",
+            arms=(
+                Arm("fixed", protocol=tram),
+                Arm("always", policy="continuous", treat=tram),
+                Arm("zhang", policy={"name": "zhang", "observable": "tumor_volume", "stop_fraction": 0.9, "restart_fraction": 1.0}, treat=tram),
+                Arm("rest_then_tram", protocol="rest for 8 weeks then switch to trametinib 2 mg oral daily at progression"),
+            ),
+            horizon=56, visits="every 2 weeks", seed=4, replicates=replicates, mutation_rate=mu,
+            outcomes=OutcomeSpec(criteria=("recist_volume",)),
+        )
+
+    return model, draws, scenario
+
+
+def test_resistance_mu_zero_equals_deterministic_and_covers_adaptive_arms(patient, resistant_setup):
+    import warnings
+
+    model, draws, scenario = resistant_setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = run_scenario((patient, model, draws), scenario(1))
+        zero = run_scenario((patient, model, draws), scenario(20, mu=0.0))
+    assert "p_resistance" not in det and "p_resistance" in zero
+    assert (zero["p_resistance"].values == 0).all()  # every arm computed (no NaN), never resistant
+    for v in det.data_vars:
+        xr.testing.assert_equal(zero[v], det[v])
+    assert "protocol arms only" not in zero.attrs["notes"]
+
+
+def test_resistance_probability_nondecreasing_in_mu_and_seeded(patient, resistant_setup):
+    import warnings
+
+    model, draws, scenario = resistant_setup
+    p_end = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mu in (0.0, 1e-12, 1e-11, 1e-10, 1e-8):
+            r = run_scenario((patient, model, draws), scenario(40), mutation_rate=mu)
+            p_end.append(r["p_resistance"].isel(time=-1).mean("draw").values)  # (arm,)
+            if mu == 1e-10:
+                again = run_scenario((patient, model, draws), scenario(40), mutation_rate=mu)
+                xr.testing.assert_equal(again["p_resistance"], r["p_resistance"])
+                sub = run_scenario((patient, model, draws), scenario(40), mutation_rate=mu, draws=2)
+                np.testing.assert_array_equal(sub["p_resistance"].values, r["p_resistance"].values[:, :2])
+                assert r.attrs["mutation_rate"] == 1e-10
+    p_end = np.array(p_end)  # (mu, arm)
+    assert (np.diff(p_end, axis=0) >= 0).all(), p_end
+    assert (p_end[-1] > 0).all()  # every arm, adaptive and switching included
+    assert (np.diff(r["p_resistance"].values, axis=-1) >= 0).all()  # a CDF in time
+
+
+def test_switch_chain_lines_and_dose_reductions():
+    """Two switches: line 1 starts at the first switch time, line 2 at the second; a dose
+    reduction ('after' counted from the protocol start) carries into the line that gives the drug."""
+    from scenarios.protocol import Dose, DoseReduction, Protocol, Switch
+    from scenarios.run import _SwitchArm
+
+    proto = Protocol((
+        Dose("paclitaxel", 80, "mg", "iv", every=7),
+        Switch(Dose("docetaxel", 75, "mg", "iv", every=21), "progression"),
+        Switch(Dose("paclitaxel", 60, "mg", "iv", every=7), "resistance"),
+        DoseReduction("paclitaxel", factor=0.5, after=100),
+    ))
+    sc = Scenario(name="chain", arms=(Arm("a", protocol=proto),), horizon=200, visits="every 2 weeks",
+                  outcomes=OutcomeSpec(criteria=("recist_volume",)))
+    ctl = _SwitchArm(sc.arms[0], 3, None, 200.0, sc, None, [])
+    assert ctl.n_lines == 3 and ctl.conditions == [None, "progression", "resistance"]
+    ev = ctl.events((42.0, 84.0))
+    pac, doc = ev[ev["drug"] == "paclitaxel"], ev[ev["drug"] == "docetaxel"]
+    assert pac[pac["time"] < 42]["time"].tolist() == [0, 7, 14, 21, 28, 35]
+    assert doc["time"].tolist() == [42, 63]  # line 1 from 42 until the second switch at 84
+    late = pac[pac["time"] >= 84]
+    assert late["time"].min() == 84 and late["time"].max() < 200
+    np.testing.assert_allclose(late[late["time"] < 100 - 1e-9]["amount"], 60.0)
+    np.testing.assert_allclose(late[late["time"] >= 100]["amount"], 30.0)  # reduced from day 100
+    assert ctl.events(()) is not None and set(ctl.events(())["drug"]) == {"paclitaxel"}
+
+
+# -- virtual trials ----------------------------------------------------------------------------
+def test_run_trial_batches_patients_and_equals_single_runs(small, patient):
+    from scenarios.run import _per_patient_dosing, run_trial
+    from twin.io.records import Covariates
+
+    tw, sc, _, _ = small
+    short = Scenario(name="trial", arms=(sc.arms[0], sc.arms[3]), horizon=28, visits="every 2 weeks", seed=5)
+    a = prior_twin(patient, tw.model, 3, seed=11)
+    b = prior_twin(patient, tw.model, 2, seed=12)
+    both = run_trial([a, b], short, **TOL)
+    assert [r.sizes["draw"] for r in both] == [3, 2]
+    for one, twin_ in zip(both, (a, b)):
+        check_result(one)
+        assert one.attrs["trial_batch_size"] == 2 and one.attrs["twin_seed"] == twin_.seed
+        alone = run_scenario(twin_, short, **TOL)
+        np.testing.assert_allclose(one["tumor_volume"].values, alone["tumor_volume"].values, rtol=1e-7)
+        np.testing.assert_array_equal(one["dose_factor"].values, alone["dose_factor"].values)
+        np.testing.assert_array_equal(one["cumulative_dose"].values, alone["cumulative_dose"].values)
+    # mg/m2 doses: patients with another body-surface area are not batched together
+    assert _per_patient_dosing(short, Covariates(weight=70, bsa=1.8)) != _per_patient_dosing(short, Covariates(weight=70, bsa=2.0))
+    assert _per_patient_dosing(short, Covariates(weight=70, bsa=1.8)) == _per_patient_dosing(short, Covariates(weight=90, bsa=1.8))

@@ -138,6 +138,7 @@ BAD = {
     "switch_without_criterion": (HEAD + '\n[[arm]]\nname = "a"\nprotocol = "dabrafenib 150 mg oral BID until progression then switch to trametinib 2 mg oral daily"\n',
                                  "arm[1].protocol", 8, ["switches at progression", "criteria"]),
     "bad_seed": (HEAD + 'seed = -1\n' + ARM, "scenario.seed", 5, ["whole number >= 0"]),
+    "bad_mutation_rate": (HEAD + 'mutation_rate = 2.0\n' + ARM, "scenario.mutation_rate", 5, ["in [0, 1]"]),
     "invalid_toml": (HEAD + ARM + 'name = "b"\n', "", 9, ["not valid TOML"]),
     "missing_scenario_table": (ARM, "scenario", None, ["missing [scenario] table"]),
 }
@@ -179,3 +180,13 @@ def test_missing_file_and_dict_errors(tmp_path):
         Scenario.from_toml(tmp_path / "nope.toml")
     with pytest.raises(ScenarioError, match=r"<dict>.*\[scenario.horizon\]: missing horizon"):
         Scenario.from_dict({"scenario": {"name": "x", "visits": [0]}, "arm": [{"name": "a", "protocol": "rest for 1 week"}]})
+
+
+def test_mutation_rate_key(tmp_path):
+    path = tmp_path / "mu.toml"
+    path.write_text(HEAD + "replicates = 50\nmutation_rate = 1e-9\n" + ARM, encoding="utf-8")
+    sc = Scenario.from_toml(path)
+    assert sc.mutation_rate == 1e-9 and sc.replicates == 50
+    assert Scenario.from_toml(LIBRARY / "mtd_vs_metronomic.toml").mutation_rate == 1e-7
+    with pytest.raises(InputError, match="mutation_rate"):
+        Scenario(name="x", arms=(Arm("a", protocol="rest for 1 week"),), horizon=7, visits=[0], mutation_rate=-1)

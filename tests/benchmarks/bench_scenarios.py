@@ -1,0 +1,171 @@
+"""Benchmark `scenarios.run.run_scenario` (a script; not collected by pytest).
+
+    .venv/bin/python tests/benchmarks/bench_scenarios.py [--draws 1000] [--days 730]
+        [--patients 100] [--trial-draws 20] [--skip-trial] [--profile]
+
+(a) One patient (the bundled prostate patient ``twin.datasets.load_patient_example()``),
+the library scenario ``adt_continuous_vs_intermittent_vs_adaptive`` (3 arms: continuous
+ADT = a fixed protocol; Bruchovsky intermittent and Zhang adaptive = policies deciding per
+draw at every 4-weekly visit), ``--draws`` prior draws (``scenarios.run.prior_twin``,
+seed 1) over ``--days`` days. Wall seconds per stage: loading, model, prior draws, each arm
+(from the runner's progress calls), outcome table.
+
+(b) A virtual trial: ``--patients`` patients of the bundled Bruchovsky cohort
+(``twin.datasets.load_bruchovsky()``, 67 real patients; past 67 the cohort is reused in order
+with another prior seed, so patient ``k`` is cohort member ``k mod 67`` with seed ``k``),
+``--trial-draws`` prior draws each, same scenario, arms and horizon; total wall seconds.
+By default the patients go through ``scenarios.run.run_trial``, which batches twins with the
+same model and the same doses into one run (here all of them: the ADT doses are in mg);
+``--trial-loop`` times one ``run_scenario`` per patient instead.
+
+``--profile`` runs (a) under cProfile and prints the top 25 functions by cumulative and by
+own time. Goal on the 2-core development machine: (a) <= 2 s, (b) <= 2 min.
+
+The last line is ``BENCH scenarios seconds=<(a) seconds> trial_seconds=<(b) seconds>``
+(``trial_seconds=nan`` with ``--skip-trial``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+SCENARIO = "adt_continuous_vs_intermittent_vs_adaptive"
+
+
+def _stage(name: str, t0: float, rows: list) -> float:
+    dt = time.perf_counter() - t0
+    rows.append((name, dt))
+    print(f"  {name:<44s} {dt:9.2f} s", flush=True)
+    return time.perf_counter()
+
+
+def one_patient(n_draws: int, days: float, *, profile: bool = False) -> float:
+    import twin
+    from scenarios import Scenario, library_path
+    from scenarios.run import model_for_scenario, outcome_table, prior_twin, run_scenario
+
+    rows: list = []
+    start = t = time.perf_counter()
+    print(f"(a) one patient, {SCENARIO}, {n_draws} prior draws x {days:g} days", flush=True)
+    patient = twin.datasets.load_patient_example()
+    scenario = Scenario.from_toml(library_path(SCENARIO))
+    t = _stage("load patient + scenario", t, rows)
+    model = model_for_scenario(scenario)
+    t = _stage(f"model ({len(model.state_names)} states)", t, rows)
+    tw = prior_twin(patient, model, n_draws, seed=1)
+    t = _stage("prior draws", t, rows)
+    marks: dict[str, float] = {}
+    last = [time.perf_counter()]
+    groups: dict[str, int] = {}
+
+    def progress(p):
+        now = time.perf_counter()
+        for arm in str(p["arm"]).split(","):
+            marks[arm] = marks.get(arm, 0.0) + (now - last[0]) / max(1, len(str(p["arm"]).split(",")))
+        msg = str(p.get("message", ""))
+        if "distinct dose histories" in msg:
+            groups[p["arm"]] = max(groups.get(p["arm"], 0), int(msg.rsplit(",", 1)[1].split()[0]))
+        last[0] = now
+
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    t_run = time.perf_counter()
+    last[0] = t_run
+    result = run_scenario(tw, scenario, horizon=days, progress=progress)
+    if prof is not None:
+        prof.disable()
+    for arm, s in marks.items():
+        extra = f" (up to {groups[arm]} distinct dose histories per visit)" if arm in groups else ""
+        print(f"    arm {arm:<40s} {s:9.2f} s{extra}", flush=True)
+    t = _stage("run_scenario (all arms)", t_run, rows)
+    table = outcome_table(result)
+    t = _stage(f"outcome table ({len(table)} rows)", t, rows)
+    total = time.perf_counter() - start
+    n_fail = int((result["status"].values != 0).sum())
+    print(f"  total {total:.2f} s; failed arm x draw: {n_fail}", flush=True)
+    if prof is not None:
+        import pstats
+
+        for key in ("cumulative", "tottime"):
+            print(f"\n  cProfile, top 25 by {key}:")
+            pstats.Stats(prof, stream=sys.stdout).sort_stats(key).print_stats(25)
+    return total
+
+
+def trial(n_patients: int, n_draws: int, days: float, *, loop: bool = False) -> float:
+    import twin
+    from scenarios import Scenario, library_path
+    from scenarios.run import model_for_scenario, outcome_table, prior_twin, run_scenario, run_trial
+
+    how = "one run_scenario per patient" if loop else "scenarios.run.run_trial (patients batched)"
+    print(f"(b) virtual trial: {n_patients} Bruchovsky patients x {n_draws} prior draws x {days:g} days, {SCENARIO}; {how}", flush=True)
+    start = t = time.perf_counter()
+    cohort = twin.datasets.load_bruchovsky()
+    ids = sorted(cohort.ids)
+    scenario = Scenario.from_toml(library_path(SCENARIO))
+    model = model_for_scenario(scenario)
+    twins = [prior_twin(cohort[ids[k % len(ids)]], model, n_draws, seed=k) for k in range(n_patients)]
+    t = _stage(f"cohort + {n_patients} prior twins", t, [])
+    if loop:
+        per = []
+        for k, tw in enumerate(twins):
+            t1 = time.perf_counter()
+            outcome_table(run_scenario(tw, scenario, horizon=days))
+            per.append(time.perf_counter() - t1)
+            if k < 3 or (k + 1) % 10 == 0:
+                print(f"  patient {k + 1:3d}/{n_patients} ({tw.patient.id}): {per[-1]:.2f} s; elapsed {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"  per patient median {np.median(per):.2f} s, max {np.max(per):.2f} s", flush=True)
+    else:
+        results = run_trial(twins, scenario, horizon=days)
+        t = _stage(f"run_trial ({max(r.attrs['trial_batch_size'] for r in results)} patients per batch)", t, [])
+        for r in results:
+            outcome_table(r)
+        t = _stage("outcome tables", t, [])
+    total = time.perf_counter() - start
+    print(f"  total {total:.2f} s", flush=True)
+    return total
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--draws", type=int, default=1000, help="prior draws of (a) (default 1000)")
+    ap.add_argument("--days", type=float, default=730.0, help="horizon [day] of (a) and (b) (default 730)")
+    ap.add_argument("--patients", type=int, default=100, help="patients of the trial (b) (default 100)")
+    ap.add_argument("--trial-draws", type=int, default=20, help="prior draws per trial patient (default 20)")
+    ap.add_argument("--skip-trial", action="store_true", help="run (a) only")
+    ap.add_argument("--trial-loop", action="store_true", help="(b) as one run_scenario per patient instead of run_trial")
+    ap.add_argument("--profile", action="store_true", help="cProfile (a): top 25 functions")
+    args = ap.parse_args(argv)
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; machine: {_machine()}", flush=True)
+    a = one_patient(args.draws, args.days, profile=args.profile)
+    b = float("nan") if args.skip_trial else trial(args.patients, args.trial_draws, args.days, loop=args.trial_loop)
+    print(f"BENCH scenarios seconds={a:.3f} trial_seconds={b:.3f}", flush=True)
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    try:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        load = "?"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
