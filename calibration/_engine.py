@@ -45,9 +45,8 @@ jumps at events yet; second derivatives are not implemented (NUTS does not need 
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import numba
 import numpy as np
@@ -236,16 +235,7 @@ def _codegen(inputs, outputs, fname: str):
     return src, env
 
 
-from twin._codegen import (  # noqa: E402  (shared with twin.compiled)
-    AUG,
-    AUG_PLAIN,
-    PRELUDE,
-    SOLVER,
-    WITH_SENS,
-    cache_dir,
-    load_module,
-    module_source,
-)
+from twin._codegen import cache_dir, load_module, module_source  # noqa: E402,F401  (shared with twin.compiled)
 
 class CompiledODE:
     """Numba kernels for one :class:`ODEModel`: vector field, Jacobians and solvers.

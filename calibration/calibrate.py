@@ -184,29 +184,9 @@ def _first_size_cells(ad: ArmData) -> float | None:
     return None
 
 
-@dataclass
-class BuiltModel:
-    pmodel: Any
-    tode: Any
-    data: CalibrationData
-    free: tuple
-    fixed: dict
-    schedules: list
-    obs_names: dict  # observed RV name -> (arm index, observable, kind)
-    n0_mode: str
-
-
-def build_model(patient, model, *, free: Sequence[str] | None = None, fixed: Mapping[str, float] | None = None,
-                priors: Mapping[str, tuple] | None = None, arms=None, observables=None, rtol: float = 1e-6,
-                atol: float = 1e-9) -> BuiltModel:
-    """The PyMC model of ``patient`` under ``model`` (see the module docstring)."""
-    import pymc as pm
-    import pytensor.tensor as pt
-
-    from twin.observation import CELL_VOLUME_MM3
-
-    from ._engine import PYTENSOR
-    from .ode import arm_schedule, twin_ode, y0_only_parameters
+def _setup(patient, model, *, free, fixed, priors, arms, observables) -> dict:
+    """Data, priors and the estimated set of one patient (no PyMC yet)."""
+    from .ode import y0_only_parameters
 
     if getattr(model, "pathway", False):
         raise InputError(
@@ -235,66 +215,106 @@ def build_model(patient, model, *, free: Sequence[str] | None = None, fixed: Map
     unknown = [n for n in free + tuple(fixed) if n not in model.parameter_names]
     if unknown:
         raise InputError(f"calibrate: unknown parameter(s) {unknown}.{close_matches(unknown[0], list(model.parameter_names))}")
+    missing = [n for n in free if n not in pri and not (n == "N0" and has_size)]
+    if missing:
+        raise InputError(f"calibrate: no prior for {missing[0]!r}; give priors={{'{missing[0]}': ('lognormal', {{'mu': ..., 'sigma': ...}})}}")
     y0_only = set(y0_only_parameters(model))
-    theta_names = tuple(n for n in free if n not in y0_only)
-    tode = twin_ode(model, theta_names, {k: v for k, v in fixed.items()})
+    return {"data": data, "pri": pri, "fixed": fixed, "free": free, "has_size": has_size,
+            "theta_names": tuple(n for n in free if n not in y0_only),
+            "n0_mode": "free" if "N0" in free and has_size else ("free-prior" if "N0" in free else "fixed")}
+
+
+def _n0_arm_prior(pm, name, setup, dims):
+    mus = []
+    for a in setup["data"].arms:
+        c = _first_size_cells(a)
+        mus.append(math.log(c) if c else setup["pri"]["N0"][1]["mu"])
+    return pm.LogNormal(name, mu=np.array(mus), sigma=0.5, dims=dims)
+
+
+def _likelihood(model, tode, setup, rv: dict, n0_arm, sig: dict, *, suffix: str, rtol: float, atol: float):
+    """Add one patient's observed and censored terms to the current PyMC model; ``rv`` maps
+    estimated parameter names to their random variables. Returns (schedules, obs_names)."""
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    from twin.observation import CELL_VOLUME_MM3
+
+    from ._engine import PYTENSOR
+    from .ode import arm_schedule
+
+    data, fixed = setup["data"], setup["fixed"]
     defaults = model.default_values()
-    n0_mode = "free" if "N0" in free and has_size else ("free-prior" if "N0" in free else "fixed")
-    schedules = []
-    obs_names = {}
-    coords = {"arm": [a.arm for a in data.arms]}
-    with pm.Model(coords=coords) as pmodel:
-        rv = {}
-        for n in free:
-            if n == "N0" and n0_mode == "free":
-                continue
-            if n not in pri:
-                raise InputError(f"calibrate: no prior for {n!r}; give priors={{'{n}': ('lognormal', {{'mu': ..., 'sigma': ...}})}}")
-            rv[n] = _pm_prior(pm, n, *pri[n])
-        if n0_mode == "free":
-            mus = []
-            for a in data.arms:
-                c = _first_size_cells(a)
-                mus.append(math.log(c) if c else pri["N0"][1]["mu"])
-            n0_arm = pm.LogNormal("N0_arm", mu=np.array(mus), sigma=0.5, dims="arm")
+    theta = pt.stack([rv[n] for n in setup["theta_names"]]) if setup["theta_names"] else pt.zeros(0)
+    schedules, obs_names = [], {}
+    ncell = [i for i, s in enumerate(model.state_names) if s.startswith("N_")]
+    for k, a in enumerate(data.arms):
+        sched, notes = arm_schedule(tode, a.regimen, a.times, t0=a.t0)
+        data.notes.extend(f"arm {a.arm!r}: {n}" for n in notes)
+        schedules.append(sched)
+        p = {n: float(fixed.get(n, defaults[n])) for n in model.parameter_names}
+        p.update(rv)
+        if n0_arm is not None:
+            p["N0"] = n0_arm[k]
+        y0 = pt.stack([pt.as_tensor_variable(v).astype("float64") for v in model.initial_state_values(p, PYTENSOR)])
+        Y, _ = tode.compiled().op(sched, rtol=rtol, atol=atol)(theta, y0)
+        cells = Y[:, ncell[0]]
+        for i in ncell[1:]:
+            cells = cells + Y[:, i]
+        for o, d in a.obs.items():
+            if o == "psa":
+                pred = Y[:, model.state_names.index("psa")]
+            elif o == "tumor_volume":
+                pred = cells * CELL_VOLUME_MM3
+            elif o == "sld":
+                pred = (6.0 * cells * CELL_VOLUME_MM3 / math.pi) ** (1.0 / 3.0)
+            else:
+                pred = cells
+            mu = pt.log(pt.maximum(pred, 1e-300))[d["index"]]
+            unc = ~d["censored"]
+            if unc.any():
+                name = f"obs_{o}_{k}{suffix}"
+                pm.LogNormal(name, mu=mu[np.flatnonzero(unc)], sigma=sig[o], observed=d["value"][unc])
+                obs_names[name] = (k, o, "observed")
+            if d["censored"].any():
+                name = f"cens_{o}_{k}{suffix}"
+                cidx = np.flatnonzero(d["censored"])
+                pm.Censored(name, pm.LogNormal.dist(mu=mu[cidx], sigma=sig[o]), lower=d["lloq"][cidx], upper=None, observed=d["lloq"][cidx])  # left-censored: log P(Y < LLOQ)
+                obs_names[name] = (k, o, "censored")
+    return schedules, obs_names
+
+
+@dataclass
+class BuiltModel:
+    pmodel: Any
+    tode: Any
+    data: CalibrationData
+    free: tuple
+    fixed: dict
+    schedules: list
+    obs_names: dict  # observed RV name -> (arm index, observable, kind)
+    n0_mode: str
+
+
+def build_model(patient, model, *, free: Sequence[str] | None = None, fixed: Mapping[str, float] | None = None,
+                priors: Mapping[str, tuple] | None = None, arms=None, observables=None, rtol: float = 1e-6,
+                atol: float = 1e-9) -> BuiltModel:
+    """The PyMC model of ``patient`` under ``model`` (see the module docstring)."""
+    import pymc as pm
+
+    from .ode import twin_ode
+
+    st = _setup(patient, model, free=free, fixed=fixed, priors=priors, arms=arms, observables=observables)
+    tode = twin_ode(model, st["theta_names"], st["fixed"])
+    with pm.Model(coords={"arm": [a.arm for a in st["data"].arms]}) as pmodel:
+        rv = {n: _pm_prior(pm, n, *st["pri"][n]) for n in st["free"] if not (n == "N0" and st["n0_mode"] == "free")}
+        n0_arm = None
+        if st["n0_mode"] == "free":
+            n0_arm = _n0_arm_prior(pm, "N0_arm", st, "arm")
             pm.Deterministic("N0", n0_arm[0])
-        sig = {o: pm.HalfNormal(f"sigma_{o}", sigma=1.0) for o in data.observables}
-        theta = pt.stack([rv[n] for n in theta_names]) if theta_names else pt.zeros(0)
-        for k, a in enumerate(data.arms):
-            sched, notes = arm_schedule(tode, a.regimen, a.times, t0=a.t0)
-            data.notes.extend(f"arm {a.arm!r}: {n}" for n in notes)
-            schedules.append(sched)
-            p = {n: float(fixed.get(n, defaults[n])) for n in model.parameter_names}
-            p.update(rv)
-            if n0_mode == "free":
-                p["N0"] = n0_arm[k]
-            y0 = pt.stack([pt.as_tensor_variable(v).astype("float64") for v in model.initial_state_values(p, PYTENSOR)])
-            Y, _ = tode.compiled().op(sched, rtol=rtol, atol=atol)(theta, y0)
-            ncell = [i for i, s in enumerate(model.state_names) if s.startswith("N_")]
-            cells = Y[:, ncell[0]]
-            for i in ncell[1:]:
-                cells = cells + Y[:, i]
-            for o, d in a.obs.items():
-                if o == "psa":
-                    pred = Y[:, model.state_names.index("psa")]
-                elif o == "tumor_volume":
-                    pred = cells * CELL_VOLUME_MM3
-                elif o == "sld":
-                    pred = (6.0 * cells * CELL_VOLUME_MM3 / math.pi) ** (1.0 / 3.0)
-                else:
-                    pred = cells
-                mu = pt.log(pt.maximum(pred, 1e-300))[d["index"]]
-                unc = ~d["censored"]
-                if unc.any():
-                    name = f"obs_{o}_{k}"
-                    pm.LogNormal(name, mu=mu[np.flatnonzero(unc)], sigma=sig[o], observed=d["value"][unc])
-                    obs_names[name] = (k, o, "observed")
-                if d["censored"].any():
-                    name = f"cens_{o}_{k}"
-                    cidx = np.flatnonzero(d["censored"])
-                    pm.Censored(name, pm.LogNormal.dist(mu=mu[cidx], sigma=sig[o]), lower=d["lloq"][cidx], upper=None, observed=d["lloq"][cidx])  # left-censored: log P(Y < LLOQ)
-                    obs_names[name] = (k, o, "censored")
-    return BuiltModel(pmodel, tode, data, free, fixed, schedules, obs_names, n0_mode)
+        sig = {o: pm.HalfNormal(f"sigma_{o}", sigma=1.0) for o in st["data"].observables}
+        schedules, obs_names = _likelihood(model, tode, st, rv, n0_arm, sig, suffix="", rtol=rtol, atol=atol)
+    return BuiltModel(pmodel, tode, st["data"], st["free"], st["fixed"], schedules, obs_names, st["n0_mode"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -371,8 +391,9 @@ def _laplace(bm: BuiltModel, *, draws, chains, seed, progress, n_starts: int = 4
             cols[nm].append(np.asarray(v))
     keep = [nm for nm in names if not nm.endswith("__")]
     post = {nm: np.stack(cols[nm]).reshape((chains, draws) + np.shape(cols[nm][0])) for nm in keep}
-    dims = {nm: ["arm"] for nm in keep if nm == "N0_arm"}
-    idata = az.from_dict(posterior=post, coords={"arm": list(pmodel.coords.get("arm", []))}, dims=dims)
+    dims = {nm: list(pmodel.named_vars_to_dims[nm]) for nm in keep if nm in pmodel.named_vars_to_dims}
+    coords = {k: list(v) for k, v in pmodel.coords.items() if v is not None}
+    idata = az.from_dict(posterior=post, coords=coords, dims=dims)
     return idata, info
 
 
@@ -555,7 +576,6 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
         d = bm.data.arms[k].obs[o]
         observed[name] = d["value"][~d["censored"]] if kind == "observed" else d["lloq"][d["censored"]]
     const = _constant_data(bm)
-    groups = {"posterior": posterior}
     pp = az.from_dict(posterior_predictive={**rep, **{f"mu_{k}": v for k, v in mu.items()}}, observed_data=observed, constant_data=const)
     idata_out = az.InferenceData(posterior=posterior, posterior_predictive=pp.posterior_predictive, observed_data=pp.observed_data, constant_data=pp.constant_data)
     if "sample_stats" in idata.groups():

@@ -22,7 +22,6 @@ def synthetic_patient(model, truth: Mapping[str, float], regimen, times, *, obse
     from twin.patient import Patient
     from twin.regimen import Regimen
     from twin.simulate import simulate
-    from twin.twin import Twin  # noqa: F401  (keeps the import graph explicit)
 
     times = np.asarray(times, dtype=float)
     reg = regimen if regimen is not None else Regimen.empty()

@@ -21,8 +21,6 @@ Biometrika 89:539 (reweight–resample–move).
 from __future__ import annotations
 
 import time
-from typing import Any
-
 import numpy as np
 
 from twin.errors import InputError
@@ -44,8 +42,6 @@ def _value_point(bm, draw: dict) -> dict:
 
 def loglik_of_draws(bm, draws: list[dict]) -> np.ndarray:
     """Total observed-data log-likelihood of ``bm`` at each draw (name -> value dicts)."""
-    import pymc as pm  # noqa: F401
-
     pmodel = bm.pmodel
     fn = pmodel.compile_fn(pmodel.observedlogp, inputs=pmodel.value_vars, on_unused_input="ignore", point_fn=True)
     transforms = {}

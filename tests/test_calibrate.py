@@ -259,3 +259,25 @@ def test_cohort_calibration_with_the_real_calibrate(tmp_path):
     assert np.median(twins["syn-0"].draws["r_max"]) < np.median(twins["syn-1"].draws["r_max"])
     again = calibrate_cohort(pats, m, tmp_path, method="map", draws=20, chains=1, seed=5, scheduler="sync", progress=False, free=list(FREE), fixed=_fixed())
     assert len(again.skipped) == 2 and not again.computed
+
+
+def test_hierarchical_cohort_pools_growth_rates(tmp_path):
+    """Partial pooling: population median of r_max between the patients' values; per-patient
+    twins cut from the joint posterior; outputs and a rerun skip like the one-by-one mode."""
+    from calibration.cohort import calibrate_cohort
+    from twin.twin import Twin
+
+    m = chemo_model()
+    rs = (0.06, 0.08, 0.10)
+    pats = [synthetic_patient(m, TRUTH | {"r_max": r}, chemo_regimen(), TIMES, sigma=0.1, seed=20 + i, patient_id=f"h-{i}") for i, r in enumerate(rs)]
+    kw = dict(method="map", draws=50, chains=1, seed=1, scheduler="sync", progress=False, hierarchical=True, free=list(FREE), fixed=_fixed(), pooled=("r_max", "K"))
+    run = calibrate_cohort(pats, m, tmp_path, **kw)
+    assert sorted(run.computed) == ["h-0", "h-1", "h-2"]
+    pop = pd.read_csv(tmp_path / "population.csv", index_col=0)
+    assert rs[0] < pop.loc["r_max", "population_median"] < rs[-1]
+    meds = [np.median(Twin.load(tmp_path / f"{p.id}.twin.nc").draws["r_max"]) for p in pats]
+    assert meds[0] < meds[1] < meds[2]
+    for r, med in zip(rs, meds):
+        assert abs(med - r) / r < 0.15
+    again = calibrate_cohort(pats, m, tmp_path, **kw)
+    assert len(again.skipped) == 3 and not again.computed

@@ -218,7 +218,7 @@ def solve_with_sens(th, y0, boundaries, wseg, obs_times, rtol, atol, max_steps):
 """
 
 
-def cache_dir() -> "Path":
+def cache_dir():
     """Where generated kernels (and numba's cache of them) live: ``$TWIN_CACHE_DIR/engine``
     or ``~/.cache/twin/engine``. Delete it freely; it is rebuilt on demand."""
     import os

@@ -237,7 +237,7 @@ def _cmd_calibrate_cohort(args) -> int:
     from calibration.cohort import calibrate_cohort
 
     run = calibrate_cohort(args.cohort, None, args.output, method=args.method, draws=args.draws, chains=args.chains, seed=args.seed,
-                           scheduler=args.scheduler, n_workers=args.workers, progress=not args.quiet)
+                           scheduler=args.scheduler, n_workers=args.workers, progress=not args.quiet, hierarchical=args.hierarchical)
     print(run.summary().to_string())
     print(f"{len(run.ok)} twin(s) in {run.outdir} ({len(run.failed)} failed, {len(run.skipped)} already done)")
     return 0 if not run.failed else 3
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0, help="cohort seed; each patient's seed derives from it and the patient id")
     h.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (default: a local cluster); 'sync' runs in this process")
     h.add_argument("--workers", type=int, default=None, help="workers of the local cluster (default: min(2, cores))")
+    h.add_argument("--hierarchical", action="store_true", help="one joint posterior with partial pooling of growth and PSA parameters (in this process)")
     h.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     h.set_defaults(func=_cmd_calibrate_cohort)
 
