@@ -187,6 +187,12 @@ def _regimen_from_events(events) -> Any:
         return Regimen.empty()
     ev = events.copy()
     ev["arm"] = "main"
+    if "count" not in ev.columns and "interval" not in ev.columns:  # one row per administration
+        ev["interval"] = np.nan
+        ev["count"] = 1
+    cols = {"arm", "drug", "time", "amount", "route", "duration", "interval", "count"}
+    if cols <= set(ev.columns) and ev["count"].notna().all() and ev["drug"].map(lambda d: isinstance(d, str)).all():
+        return Regimen(ev)  # already the table's own columns (validated dose events): no re-parsing
     return Regimen.from_records(ev.to_dict("records"))
 
 

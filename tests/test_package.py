@@ -69,13 +69,18 @@ def test_python_dash_m_twin():
     assert out.returncode == 0 and out.stdout.startswith("twin ")
 
 
-def test_demo_runs_and_writes_the_picture(tmp_path, capsys):
-    """`twin demo` (small): prints the patient summary and the prior twin, writes a PNG."""
+def test_demo_runs_the_whole_chain(tmp_path, capsys):
+    """`twin demo` (small): patient summary, calibrated twin (diagnostics passed), the ADT
+    scenario arms across its posterior draws, the HTML report and the twin file."""
     from twin.cli import main
+    from twin.twin import Twin
 
     assert main(["demo", "-o", str(tmp_path), "--draws", "8"]) == 0
     out = capsys.readouterr().out
-    assert "bruchovsky-101" in out and "X-1906" in out
-    assert "RAF      basal_logit   +2.00" in out  # BRAF known-functional -> raised RAF basal activity
-    png = tmp_path / "X-1906_prior_twin.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bruchovsky-101" in out and "Diagnostics" in out and "observations in the 90% predictive interval" in out
+    for arm in ("continuous", "intermittent", "adaptive"):
+        assert arm in out
+    tw = Twin.load(tmp_path / "bruchovsky-101.twin.nc")
+    assert tw.n_draws == 8 and tw.method == "map" and "ppc_coverage90" in tw.diagnostics
+    html = (tmp_path / "report.html").read_text()
+    assert "<html" in html.lower() and "intermittent" in html

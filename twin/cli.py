@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the demonstration on a bundled real patient")
     d.add_argument("-o", "--output", default="demo-output", help="folder for the demo's outputs (default: demo-output)")
     d.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
-    d.add_argument("--draws", type=int, default=100, help="posterior draws of the twin to simulate (default 100)")
+    d.add_argument("--draws", type=int, default=20, help="posterior draws of the twin to simulate (default 20)")
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("simulate", help="simulate the arms of a scenario file for a patient's twin across its draws")

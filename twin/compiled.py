@@ -85,15 +85,19 @@ def pk_inputs(layout):
     return inputs
 
 
-def segment_schedule(model, layout, n_w: int, regimen, t0: float, t_end: float):
+def segment_schedule(model, layout, n_w: int, regimen, t0: float, t_end: float, *, doses: dict | None = None):
     """``(boundaries, w, notes)`` of ``regimen`` on ``[t0, t_end]``: a boundary at every PK
-    event inside, each segment's PK state (doses before ``t0`` included)."""
+    event inside, each segment's PK state (doses before ``t0`` included). ``doses``: the
+    regimen's dose tables when already built (drug -> DoseTable)."""
     from .pk import pk_scan
     from .simulate import regimen_doses
 
     if t_end <= t0:
         t_end = t0 + 1.0
-    doses, notes = regimen_doses(model, regimen) if len(regimen) else ({}, [])
+    if doses is not None:
+        notes = []
+    else:
+        doses, notes = regimen_doses(model, regimen) if len(regimen) else ({}, [])
     ev = [t0, t_end]
     scans = {}
     for d, tab in doses.items():

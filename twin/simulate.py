@@ -180,15 +180,53 @@ def regimen_doses(model, regimen) -> tuple[dict, list[str]]:
     return dict(ex.doses), list(ex.notes)
 
 
+_DOSE_CACHE: "OrderedDict" = None  # regimen content + model drugs -> (doses, notes); bounded LRU
+_DOSE_CACHE_SIZE = 512
+
+
+def _regimen_key(model, regimen):
+    """A content key of a regimen's table (numpy bytes of its columns) and the model's drugs."""
+    import hashlib
+
+    t = regimen.table
+    h = hashlib.sha1()
+    for c in ("drug", "route"):
+        h.update("\x1f".join(map(str, t[c].tolist())).encode())
+    for c in ("time", "amount", "duration", "interval", "count"):
+        h.update(np.ascontiguousarray(t[c].to_numpy(dtype=np.float64)).tobytes())
+    h.update(repr((model.drugs, tuple(sorted((d, repr(v)) for d, v in model.drug_pk.items())))).encode())
+    return h.hexdigest()
+
+
 class _Exposure:
     """Analytic PK -> inhibition (n_times, n_drugs) of one regimen, doses up to a segment start."""
 
     def __init__(self, model, regimen):
+        from collections import OrderedDict
+
+        from . import pk
+
+        global _DOSE_CACHE
+        self.pk = pk
+        self.model = model
+        if _DOSE_CACHE is None:
+            _DOSE_CACHE = OrderedDict()
+        key = _regimen_key(model, regimen) if len(regimen) else None
+        hit = _DOSE_CACHE.get(key) if key is not None else None
+        if hit is not None:
+            _DOSE_CACHE.move_to_end(key)
+            self.doses, self.notes = dict(hit[0]), list(hit[1])
+            return
+        self._build(model, regimen)
+        if key is not None:
+            _DOSE_CACHE[key] = (dict(self.doses), list(self.notes))
+            if len(_DOSE_CACHE) > _DOSE_CACHE_SIZE:
+                _DOSE_CACHE.popitem(last=False)
+
+    def _build(self, model, regimen):
         from . import pk
         from .drugs import lookup_drug
 
-        self.pk = pk
-        self.model = model
         self.notes = []
         present = sorted(regimen.table["drug"].str.lower().unique()) if len(regimen) else []
         unknown = [d for d in present if d not in model.drugs]
@@ -638,7 +676,7 @@ def backend_for(model) -> str:
     return "torch" if (b == "torch" or model.residual is not None) else "numba"
 
 
-def _integrate_compiled(model, p, y0, times, reg, *, rtol, atol, min_step, max_steps):
+def _integrate_compiled(model, p, y0, times, reg, *, rtol, atol, min_step, max_steps, doses=None):
     """Same contract as the torch integrators, via :class:`twin.compiled.CompiledTwin`."""
     from .compiled import compiled_twin, segment_schedule
 
@@ -647,7 +685,7 @@ def _integrate_compiled(model, p, y0, times, reg, *, rtol, atol, min_step, max_s
     y0 = y0.detach().cpu().numpy() if hasattr(y0, "detach") else np.asarray(y0, dtype=np.float64)
     B = y0.shape[0]
     bad0 = ~np.isfinite(y0).all(axis=-1)
-    b, w, _ = segment_schedule(model, ct.layout, ct.n_w, reg, float(times[0]), float(times[-1]))
+    b, w, _ = segment_schedule(model, ct.layout, ct.n_w, reg, float(times[0]), float(times[-1]), doses=doses)
     out, st, steps = ct.solve(theta, np.where(bad0[:, None], 0.0, y0), b, w, times, rtol=rtol, atol=atol, max_steps=max_steps, min_step=min_step)
     status = np.zeros(B, dtype=np.int64)
     messages = np.full(B, "", dtype=object)
@@ -669,7 +707,7 @@ def _run_groups(model, p, y0_all, times, regs, rtol, atol, min_step, max_steps, 
             ex = _Exposure(model, reg)
             notes += [f"{name}: {x}" for x in ex.notes]
             if backend_for(model) == "numba":
-                out, st, m, steps = _integrate_compiled(model, p, y0_all[r], times, reg, rtol=rtol, atol=atol, min_step=min_step, max_steps=max_steps)
+                out, st, m, steps = _integrate_compiled(model, p, y0_all[r], times, reg, rtol=rtol, atol=atol, min_step=min_step, max_steps=max_steps, doses=ex.doses)
                 res[r], status[r], msgs[r] = out, st, m
                 nsteps.append(steps)
                 continue

@@ -79,16 +79,26 @@ class NumpyField:
         from twin.model import X_REF, _ident
 
         assert model.pathway and not model.persisters and not model.has_psa and not model.cytotoxic_drugs
-        c = model._tensors()
+        st = model._structure()  # the equations' structure, written here as matrices
         self.X_REF = X_REF
         self.C, self.N = len(model.clones), len(model.nodes)
-        self.WT = c["WT"].numpy()
-        self.T = c["T"].numpy()
-        self.M = c["M"].numpy()
-        self.prol_avg = c["prol_avg"].numpy()
-        self.death_avg = c["death_avg"].numpy()
-        self.tg = c["targeted"]
-        assert c["single_target"] and c["prol"] and c["death"]
+        N, nd = self.N, len(model.drugs)
+        W = np.zeros((N, N))
+        for n, ins in enumerate(st["inputs"]):
+            for s_, wt in ins:
+                W[n, s_] += wt
+        self.WT = W.T.copy()
+        self.tg = st["targeted"]
+        self.T = np.zeros((len(self.tg), N))
+        for n, js in enumerate(st["hit"]):
+            for j in js:
+                self.T[self.tg.index(j), n] = 1.0
+        self.M = np.array([[1.0 if j in st["blunted"][c] else 0.0 for j in range(nd)] for c in range(self.C)])
+        self.prol_avg = np.zeros(N)
+        self.prol_avg[st["prol"]] = 1.0 / (len(st["prol"]) * X_REF)
+        self.death_avg = np.zeros(N)
+        self.death_avg[st["death"]] = 1.0 / (len(st["death"]) * X_REF)
+        assert (self.T.sum(0) <= 1).all() and st["prol"] and st["death"]
         p = {k: float(v) for k, v in pars_one.items()}
         self.basal = np.array([p[f"basal_{n}"] for n in model.nodes])
         self.cap = 1.0 / (1.0 + np.exp(-np.array([p[f"logcap_{n}"] for n in model.nodes])))
@@ -118,7 +128,7 @@ def check_numpy_field(model, params):
     import torch
 
     one = {k: v[:1] for k, v in params.items()}
-    p = model.parameter_tensors({k: torch.as_tensor(v) for k, v in one.items()}, stacked=True)
+    p = model.parameter_tensors({k: torch.as_tensor(v) for k, v in one.items()})
     with torch.no_grad():
         y0 = model.initial_state(p)
     rng = np.random.default_rng(5)
