@@ -61,8 +61,12 @@ def default_model(patient, *, arms: Sequence[str] | None = None, mechanisms: Seq
         hist = hist[hist["arm"].isin(list(arms))]
     for d in sorted(set(hist["drug"].str.lower())) if len(hist) else []:
         cat = lookup_drug(d)
-        if cat is not None and cat.pk is not None and cat.pk.potency() is not None:
-            drugs.append(cat.name if hasattr(cat, "name") else d)
+        if cat is None or cat.pk is None or cat.pk.potency() is None:
+            continue
+        rows = hist[hist["drug"].str.lower() == d]
+        if rows["amount"].isna().any() and not getattr(cat.pk, "standard_dose_mg", None):
+            continue  # doses without amounts and no standard dose to fill them: the arm is skipped (noted)
+        drugs.append(cat.name if hasattr(cat, "name") else d)
     graph = load_pathway("androgen_receptor" if set(drugs) & _AR_DRUGS or "psa" in patient.observed else "mapk_pi3k")
     if mechanisms is None:
         mechanisms = [Mechanism("resistant", tuple(drugs))] if drugs else []
@@ -121,7 +125,7 @@ def _series_table(patient, model, arms: Sequence[str] | None, observables: Seque
         unknown = sorted(set(reg.table["drug"].str.lower()) - set(model.drugs)) if len(reg) else []
         if unknown:
             dropped.append(arm)
-            notes.append(f"arm {arm!r} skipped: it doses {unknown}, which the model does not know (no PK in the catalogue)")
+            notes.append(f"arm {arm!r} skipped: it doses {unknown}, which the model does not know (no PK in the catalogue, or doses without amounts and no standard dose)")
             continue
         sub = m[(m["arm"] == arm) & m["observable"].isin(observables)].sort_values("time")
         times = np.unique(sub["time"].to_numpy(dtype=float))
@@ -506,6 +510,12 @@ def diagnose(idata, method: str, *, coverage90: float, extra: Mapping | None = N
         if method == "map" and not (extra or {}).get("map_converged", True):
             msgs.append(f"MAP optimisation did not converge: {extra.get('map_message')}")
         d["note"] = f"{method}: an approximate posterior; MCMC diagnostics (R-hat, ESS, divergences) do not apply; use method='nuts' for the reference"
+    warn = []
+    for v in [x for x in idata.posterior.data_vars if str(x).startswith("sigma_")]:
+        med = float(np.median(idata.posterior[v].values))
+        if med > 0.5:
+            warn.append(f"{v} = {med:.2f}: the residual error of log {str(v)[6:]} is a factor {math.exp(med):.1f}; the model explains this patient's data poorly (the wide predictive intervals, not the model, carry the coverage)")
+    d["warnings"] = warn
     if extra and extra.get("ppc_solver_failures"):
         msgs.append(f"the ODE solver failed for {extra['ppc_solver_failures']} of {extra.get('ppc_draws')} posterior draws (stiff or exploding trajectories)")
     if extra:

@@ -511,7 +511,7 @@ def _hierarchical_cohort(plist, model_for, outdir: Path, *, method, draws, chain
     import time as _t
 
     from twin._atomic import atomic_write_text
-    from twin.twin import Twin, patient_hash
+    from twin.twin import patient_hash
 
     from .hierarchical import calibrate_hierarchical
 

@@ -24,7 +24,7 @@ def calibration_text(twin) -> str:
     tab = twin.summary()
     lines.append(f"  {'parameter':<22} {'median [90% interval]':<34} {'unit':<24} {'R-hat':>6} {'ESS':>7}")
     for name, r in tab.iterrows():
-        if r.get("source", "calibrated") not in ("calibrated", "error model"):
+        if r.get("source", "calibrated") not in ("calibrated", "error model") or r["median"] != r["median"]:
             continue
         lines.append(f"  {name:<22} {_fmt(r['median']) + ' [' + _fmt(r['q05']) + ', ' + _fmt(r['q95']) + ']':<34} {str(r['unit']):<24} {_fmt(r['r_hat']):>6} {_fmt(r['ess_bulk']):>7}")
     held = [n for n, s in twin.parameter_source().items() if s != "calibrated"]
@@ -34,6 +34,8 @@ def calibration_text(twin) -> str:
             ("bfmi_min", "min energy BFMI"), ("ppc_coverage90", "observations in the 90% predictive interval")]
     diag = ", ".join(f"{label} {_fmt(d[k]) if k != 'ppc_coverage90' else format(d[k], '.0%')}" for k, label in keys if k in d)
     lines.append(f"Diagnostics: {diag}")
+    for w in d.get("warnings", []):
+        lines.append(f"  WARNING: {w}")
     if d.get("note"):
         lines.append(f"  note: {d['note']}")
     for n in d.get("data_notes", []):
