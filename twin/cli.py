@@ -266,6 +266,21 @@ def _cmd_train_residual(args) -> int:
     return 0
 
 
+def _cmd_validate_cohort(args) -> int:
+    from calibration.validation import run_validation, summarize
+
+    datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+    if args.summarize_only:
+        res = summarize(args.output, datasets=datasets)
+    else:
+        res = run_validation(args.output, datasets=datasets, quick=args.quick, n_workers=args.workers, seed=args.seed,
+                             max_patients=args.max_patients, max_pdx=args.max_pdx, time_budget_s=args.time_budget)
+    line = res.get("bench_line") if isinstance(res, dict) else None
+    if line:
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -332,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     u.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     u.set_defaults(func=_cmd_update)
+
+    vc = sub.add_parser("validate-cohort", help="forecast held-out visits and arms of the bundled cohorts against baselines (docs/validation.md)")
+    vc.add_argument("-o", "--output", default="docs/validation", help="folder for the CSVs, figures and summary.json (default docs/validation)")
+    vc.add_argument("--datasets", default="bruchovsky,pdxe", help="comma-separated: bruchovsky, pdxe")
+    vc.add_argument("--quick", action="store_true", help="8 prostate patients and 5 PDXs")
+    vc.add_argument("--workers", type=int, default=2, help="Dask workers (default 2)")
+    vc.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    vc.add_argument("--max-patients", type=int, default=None, help="cap on prostate patients")
+    vc.add_argument("--max-pdx", type=int, default=None, help="cap on PDX tumours")
+    vc.add_argument("--time-budget", type=float, default=None, help="seconds; no new split starts after it (a rerun resumes)")
+    vc.add_argument("--summarize-only", action="store_true", help="rebuild the tables and figures from the finished splits")
+    vc.set_defaults(func=_cmd_validate_cohort)
 
     r = sub.add_parser("train-residual", help="fit the shared neural-residual weights on a training cohort")
     r.add_argument("cohort", metavar="COHORT", help="folder of calibrated twin files (.twin.nc, e.g. from calibrate-cohort)")

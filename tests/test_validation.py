@@ -1,0 +1,102 @@
+"""Held-out validation (calibration.validation): metric functions, baselines, and a 1-patient smoke run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from calibration.validation import (
+    abs_log_error,
+    balanced_accuracy,
+    crps_log,
+    interval_hits,
+    lv_fit,
+    lv_simulate,
+    lvcf_samples,
+    mrecist,
+    roc_auc,
+)
+
+
+def test_abs_log_error_is_symmetric_in_ratio():
+    assert abs_log_error(2.0, 1.0) == pytest.approx(math.log(2))
+    assert abs_log_error(0.5, 1.0) == pytest.approx(math.log(2))
+    np.testing.assert_allclose(abs_log_error([1, 10], [1, 1]), [0, math.log(10)])
+
+
+def test_interval_hits_uses_central_quantiles():
+    s = np.arange(1, 1001, dtype=float)[:, None] * np.ones((1, 3))  # 3 points, same sample
+    hits = interval_hits(s, [25.0, 500.0, 990.0], 0.90)
+    assert hits.tolist() == [False, True, False]
+
+
+def test_crps_log_matches_closed_form_for_a_point_mass_and_is_zero_at_the_truth():
+    # a sample all equal to x: CRPS = |log x - log y|
+    assert float(crps_log(np.full(50, 2.0), 1.0)) == pytest.approx(math.log(2))
+    assert float(crps_log(np.full(50, 3.0), 3.0)) == pytest.approx(0.0)
+    # standard normal in log space: CRPS(0) = (sqrt(2) - 1) / sqrt(pi)
+    z = np.exp(np.random.default_rng(0).standard_normal(20000))
+    assert float(crps_log(z, 1.0)) == pytest.approx((math.sqrt(2) - 1) / math.sqrt(math.pi), rel=0.03)
+
+
+def test_roc_auc_mann_whitney_with_ties_and_degenerate_cases():
+    assert roc_auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    assert roc_auc([0.5, 0.5], [1, 0]) == 0.5
+    s, y = [0.9, 0.4, 0.3, 0.5, 0.95], [1, 1, 0, 0, 0]
+    # positives 0.9 beats 0.3,0.5 (2); 0.4 beats 0.3 (1) -> 3 / 6
+    assert roc_auc(s, y) == pytest.approx(0.5)
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+    assert roc_auc([np.nan, 0.9, 0.1], [0, 1, 0]) == 1.0
+
+
+def test_mrecist_classes_follow_gao_2015():
+    t = np.array([0, 5, 10, 15, 20, 25.0])
+    assert mrecist(t, [100, 60, 2, 1, 1, 1]) == "CR"
+    assert mrecist(t, [100, 80, 45, 40, 40, 40]) == "PR"
+    assert mrecist(t, [100, 100, 105, 110, 110, 110]) == "SD"
+    assert mrecist(t, [100, 130, 160, 200, 250, 300]) == "PD"
+    assert mrecist([0, 3, 7], [100, 50, 20]) == "NA"  # nothing past day 10
+    assert mrecist(t, [0, 1, 2, 3, 4, 5]) == "NA"  # no baseline volume
+
+
+def test_balanced_accuracy_is_the_mean_recall_over_true_classes():
+    assert balanced_accuracy(["PD", "PD", "PD", "SD"], ["PD", "PD", "PD", "PD"]) == pytest.approx(0.5)
+    assert balanced_accuracy(["PD", "SD"], ["PD", "SD"]) == 1.0
+
+
+def test_lvcf_samples_centre_on_the_last_value():
+    s = lvcf_samples([10.0, 5.0, 2.5], 200)
+    assert np.median(s) == pytest.approx(math.log(2.5), abs=1e-9)
+    assert s.min() == pytest.approx(math.log(2.5) - math.log(4), abs=0.05)
+    assert np.all(lvcf_samples([3.0], 10) == math.log(3.0))
+
+
+def test_lotka_volterra_fit_recovers_a_synthetic_on_off_cycle():
+    segs = [(0.0, 200.0, 1.0), (200.0, 400.0, 0.0)]
+    truth = np.log([10.0, 0.01, 0.03, 0.01, 0.05, 100.0])
+    t = np.linspace(0, 400, 21)
+    S, R = lv_simulate(truth, segs, t, 0.0)
+    y = S + R
+    assert y[0] == pytest.approx(10.01)
+    assert y[10] < y[0] and y[-1] > y[10]  # falls on treatment, regrows off
+    fit = lv_fit(t, y, segs, n_starts=3, seed=0)
+    assert fit["ok"]
+    S2, R2 = lv_simulate(fit["theta"], segs, t, fit["t0"])
+    np.testing.assert_allclose(np.log(S2 + R2), np.log(y), atol=0.05)
+
+
+def test_one_patient_smoke_run(tmp_path):
+    from calibration.validation import run_validation
+
+    s = run_validation(tmp_path, datasets=("bruchovsky",), quick=True, n_workers=1, max_patients=1, n_draws=30, log=lambda *a: None)
+    b = s["bruchovsky"]
+    assert b["n_splits"] == 1 and b["n_patients"] == 1
+    assert b["n_points"] > 0 and np.isfinite(b["twin_med_abslogerr"]) and 0 <= b["twin_cov90"] <= 1
+    assert (tmp_path / "bruchovsky.csv").exists() and (tmp_path / "bruchovsky_points.csv").exists()
+    assert (tmp_path / "bruchovsky.png").exists()
+    assert s["bench_line"].startswith("BENCH validation bruchovsky_err_ratio=")
+    # resumable: a second call runs nothing and gives the same summary
+    s2 = run_validation(tmp_path, datasets=("bruchovsky",), quick=True, n_workers=1, max_patients=1, n_draws=30, log=lambda *a: None)
+    assert json.dumps(s2["bruchovsky"], sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
