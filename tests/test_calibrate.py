@@ -281,3 +281,25 @@ def test_hierarchical_cohort_pools_growth_rates(tmp_path):
         assert abs(med - r) / r < 0.15
     again = calibrate_cohort(pats, m, tmp_path, **kw)
     assert len(again.skipped) == 3 and not again.computed
+
+
+def test_a_calibrated_twin_file_drives_twin_simulate_and_train_residual(tmp_path, capsys):
+    """CLI: `twin simulate TWIN.nc SCENARIO` simulates the posterior draws (new drugs get
+    their defaults); `twin train-residual FOLDER` fits and saves a residual from twin files."""
+    from twin.cli import main
+    from twin.residual import NeuralResidual
+
+    m = chemo_model()
+    folder = tmp_path / "twins"
+    for i, r in enumerate((0.07, 0.09)):
+        pat = synthetic_patient(m, TRUTH | {"r_max": r}, chemo_regimen(), TIMES, sigma=0.1, seed=40 + i, patient_id=f"s-{i}")
+        calibrate(pat, m, method="map", draws=10, chains=1, seed=i, free=FREE, fixed=_fixed(), progress=False).save(folder / f"s-{i}.twin.nc")
+    scen = "scenarios/library/braf_mek_combination_vs_mono_vs_sequential.toml"
+    rc = main(["simulate", str(folder / "s-0.twin.nc"), scen, "-o", str(tmp_path / "res"), "--draws", "4", "--horizon", "14"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "posterior draws (map)" in out and (tmp_path / "res" / "trajectories.nc").is_file()
+    rc = main(["train-residual", str(folder), "-o", str(tmp_path / "res.pt"), "--epochs", "2", "-q"])
+    assert rc == 0
+    res = NeuralResidual.load(tmp_path / "res.pt")
+    assert res.drugs == ("docetaxel",)
