@@ -554,8 +554,6 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
     :class:`twin.twin.Twin` with posterior, posterior_predictive, observed_data,
     constant_data (the dosing history) and sample_stats groups, diagnostics and provenance.
     """
-    import arviz as az
-
     from twin.twin import Twin, provenance_for
 
     if method not in METHODS:
@@ -577,19 +575,7 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
     else:
         idata, extra = _laplace(bm, draws=int(draws), chains=int(chains), seed=int(seed), progress=progress)
     t_sample = time.perf_counter() - t_start - t_build
-    keep = [v for v in idata.posterior.data_vars if v in set(bm.free) | {"N0", "N0_arm"} or v.startswith("sigma_")]
-    posterior = idata.posterior[keep]
-    mu, rep, sel, failures = posterior_predictive(bm, idata, seed=int(seed) + 1)
-    cov = _coverage90(bm, rep)
-    observed = {}
-    for name, (k, o, kind) in bm.obs_names.items():
-        d = bm.data.arms[k].obs[o]
-        observed[name] = d["value"][~d["censored"]] if kind == "observed" else d["lloq"][d["censored"]]
-    const = _constant_data(bm)
-    pp = az.from_dict(posterior_predictive={**rep, **{f"mu_{k}": v for k, v in mu.items()}}, observed_data=observed, constant_data=const)
-    idata_out = az.InferenceData(posterior=posterior, posterior_predictive=pp.posterior_predictive, observed_data=pp.observed_data, constant_data=pp.constant_data)
-    if "sample_stats" in idata.groups():
-        idata_out.add_groups({"sample_stats": idata.sample_stats})
+    idata_out, cov, sel, failures = twin_idata(bm, idata, seed=int(seed) + 1)
     extra.update({"wall_s": round(time.perf_counter() - t_start, 3), "build_s": round(t_build, 3), "sampling_s": round(t_sample, 3),
                   "ppc_draws": int(len(sel)), "ppc_solver_failures": int(failures), "data_notes": list(bm.data.notes),
                   "free": list(bm.free), "n0_mode": bm.n0_mode, "rtol": rtol, "atol": atol,
@@ -598,6 +584,26 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
     fixed_all = {n: float(bm.fixed.get(n, v)) for n, v in model.default_values().items() if n not in bm.free}
     prov = provenance_for(patient, seed=int(seed), method=method)
     return Twin(patient=patient, model=model, idata=idata_out, fixed=fixed_all, method=method, seed=int(seed), diagnostics=diag, provenance=prov)
+
+
+def twin_idata(bm: BuiltModel, idata, *, seed: int):
+    """The twin's InferenceData from a sampler's: the posterior of the estimated and error
+    parameters, posterior-predictive draws, observed data, constant data (the dosing
+    history) and sample stats. Returns (idata, 90% coverage, thinned draw indices, solver
+    failures)."""
+    import arviz as az
+
+    keep = [v for v in idata.posterior.data_vars if v in set(bm.free) | {"N0", "N0_arm"} or v.startswith("sigma_")]
+    mu, rep, sel, failures = posterior_predictive(bm, idata, seed=seed)
+    observed = {}
+    for name, (k, o, kind) in bm.obs_names.items():
+        d = bm.data.arms[k].obs[o]
+        observed[name] = d["value"][~d["censored"]] if kind == "observed" else d["lloq"][d["censored"]]
+    pp = az.from_dict(posterior_predictive={**rep, **{f"mu_{k}": v for k, v in mu.items()}}, observed_data=observed, constant_data=_constant_data(bm))
+    out = az.InferenceData(posterior=idata.posterior[keep], posterior_predictive=pp.posterior_predictive, observed_data=pp.observed_data, constant_data=pp.constant_data)
+    if "sample_stats" in idata.groups():
+        out.add_groups({"sample_stats": idata.sample_stats})
+    return out, _coverage90(bm, rep), sel, failures
 
 
 def _constant_data(bm: BuiltModel) -> dict:

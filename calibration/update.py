@@ -78,12 +78,11 @@ def update_twin(twin, patient, *, draws: int | None = None, chains: int | None =
     must be contained in the new file (same arms, times and values); otherwise the
     update is refused (calibrate again instead).
     """
-    import arviz as az
     import nutpie
 
     from twin.twin import Twin, provenance_for
 
-    from .calibrate import _constant_data, _coverage90, build_model, diagnose, posterior_predictive
+    from .calibrate import build_model, diagnose, twin_idata
 
     if patient.id != twin.patient.id:
         raise InputError(f"update: the twin is of patient {twin.patient.id!r} but the file is patient {patient.id!r}")
@@ -126,17 +125,7 @@ def update_twin(twin, patient, *, draws: int | None = None, chains: int | None =
     init_mean = np.concatenate([np.ravel(start[v.name]) for v in bm_new.pmodel.value_vars])
     idata = nutpie.sample(cm, draws=draws, tune=(tune * 3 if collapsed else tune), chains=chains, seed=int(seed),
                           progress_bar=progress, target_accept=target_accept, save_warmup=False, init_mean=init_mean)
-    keep = [v for v in idata.posterior.data_vars if v in set(free) | {"N0", "N0_arm"} or v.startswith("sigma_")]
-    posterior = idata.posterior[keep]
-    mu, rep, sel, failures = posterior_predictive(bm_new, idata, seed=int(seed) + 1)
-    cov = _coverage90(bm_new, rep)
-    observed = {}
-    for name, (k, o, kind) in bm_new.obs_names.items():
-        d = bm_new.data.arms[k].obs[o]
-        observed[name] = d["value"][~d["censored"]] if kind == "observed" else d["lloq"][d["censored"]]
-    pp = az.from_dict(posterior_predictive={**rep, **{f"mu_{k}": v for k, v in mu.items()}}, observed_data=observed, constant_data=_constant_data(bm_new))
-    out = az.InferenceData(posterior=posterior, posterior_predictive=pp.posterior_predictive, observed_data=pp.observed_data, constant_data=pp.constant_data)
-    out.add_groups({"sample_stats": idata.sample_stats})
+    out, cov, sel, failures = twin_idata(bm_new, idata, seed=int(seed) + 1)
     extra = {"update": {"from_method": twin.method, "new_observations": int(n_new - n_old), "particles": int(len(particles)),
                         "importance_ess": round(ess, 1), "collapsed": bool(collapsed), "tune": int(tune * 3 if collapsed else tune),
                         "weights_s": round(t_weights, 3)},
