@@ -49,7 +49,7 @@ import json
 import os
 import tempfile
 import time as _time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -486,7 +486,6 @@ def run_trial(twins, scenario, *, draws: int | None = None, progress: Callable[[
     tws = [_as_twin(t) for t in twins]
     if not tws:
         raise InputError("run_trial: give at least one twin")
-    H = float(scenario.horizon if kwargs.get("horizon") is None else kwargs["horizon"])
     groups: dict[tuple, list[int]] = {}
     for k, tw in enumerate(tws):
         names = tuple(sorted(x for x in tw.draws if x in set(tw.model.parameter_names)))
@@ -833,8 +832,7 @@ def _p_resistance(model, params, states, times, groups, mu, n_rep, seed, arm_ind
     ``SeedSequence(seed).spawn(a + 1)[a].spawn(k + 1)[k]``, so a draw's replicates depend on
     neither the grouping nor the number of draws.
     """
-    from twin import pk
-    from twin.resistance import emergence_times
+    from twin.resistance import clone_rates_along, emergence_times
 
     n, T, _ = states.shape
     out = np.full((n, T), np.nan)
@@ -842,7 +840,6 @@ def _p_resistance(model, params, states, times, groups, mu, n_rep, seed, arm_ind
     c_res = 1 if len(clones) > 1 else 0
     root = np.random.SeedSequence(int(seed))
     i_s = model.state_names.index("N_S")
-    nd = len(model.drugs)
     for members, reg in groups.values():
         y = states[members]  # (D, T, S)
         D = len(members)
@@ -851,16 +848,7 @@ def _p_resistance(model, params, states, times, groups, mu, n_rep, seed, arm_ind
             continue
         y, mem = y[ok], members[ok]
         D = len(mem)
-        expo = np.zeros((T, nd))
-        if len(reg):
-            ex = pk.exposure(reg, times=times, warn=False)
-            for j, d in enumerate(model.drugs):
-                if d in ex.inhibition:
-                    expo[:, j] = np.asarray(ex.inhibition[d], dtype=float)
-        pars = {k: (np.repeat(np.asarray(v, float)[mem], T) if np.ndim(v) else np.full(D * T, float(v))) for k, v in params.items()}
-        division, loss = model.clone_rates(y.reshape(D * T, -1), pars, np.tile(expo, (D, 1)))
-        division = division.numpy().reshape(D, T, -1)
-        loss = loss.numpy().reshape(D, T, -1)
+        division, loss = clone_rates_along(model, y, {k: (np.asarray(v, float)[mem] if np.ndim(v) else v) for k, v in params.items()}, reg, times)
         flux = np.nan_to_num(division[:, :, 0] * y[:, :, i_s], nan=0.0)
         b_r = np.nanmean(division[:, :, c_res], axis=1)
         d_r = np.nanmean(loss[:, :, c_res], axis=1)
@@ -935,8 +923,8 @@ def save_result(ds, outdir, *, visits=None) -> dict[str, Path]:
 
 
 def outcome_table(ds, *, visits=None):
-    """``summarize(standard_outcomes(ds))`` with the result's visits and horizon."""
-    from .outcomes import standard_outcomes, summarize
+    """``summarize`` of the standard outcomes with the result's visits and horizon."""
+    from .outcomes import summarize
 
     return summarize(outcomes_of(ds, visits=visits))
 

@@ -601,6 +601,24 @@ def _states(result, model, regimen) -> np.ndarray:
     return np.stack([sub[n].transpose("draw", "time").values for n in model.state_names], axis=-1)
 
 
+def clone_rates_along(model, y, parameters, regimen, times):
+    """Per-cell division and loss rates ``(D, T, C)`` of every signalling clone along
+    simulated states ``y (D, T, S)`` under ``regimen`` (exposure from the closed-form PK at
+    ``times``); ``parameters`` name -> value or per-draw array ``(D,)``."""
+    from . import pk
+
+    D, T, _ = y.shape
+    expo = np.zeros((T, len(model.drugs)))
+    if len(regimen):
+        ex = pk.exposure(regimen, times=times, warn=False)
+        for j, d in enumerate(model.drugs):
+            if d in ex.inhibition:
+                expo[:, j] = np.asarray(ex.inhibition[d], dtype=float)
+    pars = {k: (np.repeat(np.asarray(v, float), T) if np.ndim(v) else np.full(D * T, float(v))) for k, v in parameters.items()}
+    division, loss = model.clone_rates(y.reshape(D * T, -1), pars, np.tile(expo, (D, 1)))
+    return division.numpy().reshape(D, T, -1), loss.numpy().reshape(D, T, -1)
+
+
 def acquired_resistance(
     result,
     model,
@@ -642,7 +660,6 @@ def acquired_resistance(
     """
     import xarray as xr
 
-    from . import pk
 
     times = np.asarray(result["time"].values, dtype=float)
     names = [str(r) for r in result["regimen"].values]
@@ -659,17 +676,8 @@ def acquired_resistance(
         y = _states(result, model, name)  # (D, T, S)
         D, T, _ = y.shape
         reg = regs[name]
-        nd = len(model.drugs)
-        expo = np.zeros((T, nd))
-        if len(reg):
-            ex = pk.exposure(reg, times=times, warn=False)
-            for j, d in enumerate(model.drugs):
-                if d in ex.inhibition:
-                    expo[:, j] = np.asarray(ex.inhibition[d], dtype=float)
-        params = {k: np.repeat(np.asarray(v, dtype=float).reshape(-1), T) if np.ndim(v) else np.full(D * T, float(v)) for k, v in parameters.items()}
-        division, loss = model.clone_rates(y.reshape(D * T, -1), params, np.tile(expo, (D, 1)))
-        division = division.numpy().reshape(D, T, -1)
-        loss = loss.numpy().reshape(D, T, -1)
+        params = {k: np.asarray(v, dtype=float).reshape(-1) if np.ndim(v) else v for k, v in parameters.items()}
+        division, loss = clone_rates_along(model, y, params, reg, times)
         sens = y[:, :, model.state_names.index("N_S")]
         flux = np.nan_to_num(division[:, :, 0] * sens, nan=0.0)
         b_r = np.nanmean(division[:, :, c_res], axis=1)
