@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time as _time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -180,7 +180,7 @@ def regimen_doses(model, regimen) -> tuple[dict, list[str]]:
     return dict(ex.doses), list(ex.notes)
 
 
-_DOSE_CACHE: "OrderedDict" = None  # regimen content + model drugs -> (doses, notes); bounded LRU
+_DOSE_CACHE = None  # OrderedDict: regimen content + model drugs -> (doses, notes); bounded LRU
 _DOSE_CACHE_SIZE = 512
 
 
@@ -769,7 +769,6 @@ def simulate(
     ``status_message``.
     """
     import torch
-    import xarray as xr
 
     t_start = _time.perf_counter()
     times = np.asarray(times, dtype=np.float64).ravel()
