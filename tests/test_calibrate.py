@@ -303,3 +303,27 @@ def test_a_calibrated_twin_file_drives_twin_simulate_and_train_residual(tmp_path
     assert rc == 0
     res = NeuralResidual.load(tmp_path / "res.pt")
     assert res.drugs == ("docetaxel",)
+
+
+def test_a_model_with_a_fixed_neural_residual_calibrates_on_the_same_equations():
+    """The engine unrolls the residual's MLP (fixed weights) into the compiled vector field:
+    its trajectories equal twin.simulate's torch path with the residual (1e-9)."""
+    from calibration._engine import NUMPY
+    from twin.residual import NeuralResidual
+    from twin.simulate import simulate
+
+    m = chemo_model()
+    res = NeuralResidual.for_model(m, seed=1, hidden=(4,))
+    res.reset_parameters(zero_last=False)  # a non-zero residual
+    mr = m.with_residual(res)
+    pat = synthetic_patient(m, TRUTH, chemo_regimen(), TIMES, sigma=0.1, seed=3, patient_id="r")
+    bm = build_model(pat, mr, free=FREE, fixed=_fixed(), rtol=1e-10, atol=1e-12)
+    assert np.isfinite(bm.pmodel.compile_logp()(bm.pmodel.initial_point()))
+    vals = mr.default_values() | TRUTH
+    y0 = np.array([float(v) for v in mr.initial_state_values(vals, NUMPY)])
+    Y, _, _ = bm.tode.compiled().solve(np.array([vals[n] for n in bm.tode.theta_names]), y0, bm.schedules[0], rtol=1e-11, atol=1e-12, sensitivities=False)
+    r = simulate(mr, {k: np.array([v]) for k, v in vals.items()}, {"main": Regimen(pat.history.table)}, TIMES, rtol=1e-11, atol=1e-12)
+    assert "batched" in r.attrs["integrator"]  # a residual model runs on torch
+    base = simulate(m, {k: np.array([v]) for k, v in vals.items() if k in m.parameter_names}, {"main": Regimen(pat.history.table)}, TIMES, rtol=1e-11, atol=1e-12)
+    assert np.max(np.abs(r["N_S"].values[0, 0] - base["N_S"].values[0, 0]) / base["N_S"].values[0, 0]) > 1e-3  # the residual matters
+    np.testing.assert_allclose(Y[:, 0], r["N_S"].values[0, 0], rtol=1e-9)
