@@ -67,10 +67,15 @@ def default_model(patient, *, arms: Sequence[str] | None = None, mechanisms: Seq
         if rows["amount"].isna().any() and not getattr(cat.pk, "standard_dose_mg", None):
             continue  # doses without amounts and no standard dose to fill them: the arm is skipped (noted)
         drugs.append(cat.name if hasattr(cat, "name") else d)
-    graph = load_pathway("androgen_receptor" if set(drugs) & _AR_DRUGS or "psa" in patient.observed else "mapk_pi3k")
+    androgen_axis = bool(set(drugs) & _AR_DRUGS or "psa" in patient.observed)
+    graph = load_pathway("androgen_receptor" if androgen_axis else "mapk_pi3k")
     if mechanisms is None:
         mechanisms = [Mechanism("resistant", tuple(drugs))] if drugs else []
-    return TwinModel.from_graph(graph, drugs=drugs, mechanisms=mechanisms, persisters=persisters, pathway=False)
+    # androgen deprivation acts through the androgen axis (testosterone suppression, and its
+    # recovery over months after a treatment break; cyproterone is antigonadotropic too):
+    # every drug of such a patient acts through an effect compartment (decision D18)
+    return TwinModel.from_graph(graph, drugs=drugs, mechanisms=mechanisms, persisters=persisters, pathway=False,
+                                effect_delay=androgen_axis)
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,6 +345,10 @@ def _advi(bm: BuiltModel, *, draws, chains, seed, progress, n_iter):
     return idata, {"advi_final_loss": float(approx.hist[-1]) if len(approx.hist) else float("nan")}
 
 
+#: L-BFGS-B settings of the MAP search (scipy ``minimize`` options).
+MAP_OPTIONS = {"maxiter": 5000, "maxfun": 20000, "ftol": 1e-9, "gtol": 1e-5}
+
+
 def _laplace(bm: BuiltModel, *, draws, chains, seed, progress, n_starts: int = 4):
     """MAP (L-BFGS-B on the log-density and its gradient computed together, in the
     unconstrained space, from the prior medians) and a Gaussian at the mode whose
@@ -368,7 +377,7 @@ def _laplace(bm: BuiltModel, *, draws, chains, seed, progress, n_starts: int = 4
     starts = [x0.data] + [x0.data + rng.standard_normal(x0.data.size) for _ in range(max(0, n_starts - 1))]
     res = None
     for x_start in starts:  # multi-start: the best finite optimum wins
-        r = minimize(negative, x_start, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "maxfun": 20000, "ftol": 1e-12, "gtol": 1e-6})
+        r = minimize(negative, x_start, jac=True, method="L-BFGS-B", options=dict(MAP_OPTIONS))
         if np.isfinite(r.fun) and (res is None or r.fun < res.fun):
             res = r
     xm = res.x

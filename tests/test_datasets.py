@@ -186,10 +186,20 @@ def test_shaw_on_phases_are_daily_androgen_deprivation(bruch):
     assert h["count"].iloc[0] == on["end"].iloc[0] - on["start"].iloc[0] == 574
 
 
-def test_psa_zero_is_censored(bruch):
-    s = bruch["bruchovsky-100"].series("psa")
-    cens = s[s["below_lloq"]]
-    assert len(cens) == 1 and cens["lloq"].iloc[0] == 0.02 and math.isnan(cens["value"].iloc[0])
+def test_psa_zero_and_reporting_floors_are_censored(bruch):
+    from twin.datasets.bruchovsky import PSA_REPORTING_FLOORS
+
+    m = bruch["bruchovsky-100"].measurements
+    s = m[m["observable"] == "psa"]
+    cens = s[s["below_lloq"].astype(bool)]
+    zero = cens[cens["note"].astype(str).str.contains("written as 0 in")]
+    assert len(zero) == 1 and zero["lloq"].iloc[0] == 0.02 and math.isnan(zero["value"].iloc[0])
+    floors = cens.drop(zero.index)
+    assert len(floors) == 12 and set(floors["lloq"]) <= set(PSA_REPORTING_FLOORS) and floors["value"].isna().all()
+    # no uncensored PSA sits at a floor anywhere in the cohort; its neighbours stay values
+    allpsa = pd.concat([q.measurements[q.measurements["observable"] == "psa"] for q in bruch.values()])
+    assert not allpsa.loc[~allpsa["below_lloq"].astype(bool), "value"].isin(PSA_REPORTING_FLOORS).any()
+    assert (allpsa["value"] == 0.3).sum() == 50
 
 
 def test_strobl_benchmark_agrees_with_bundle(bruch):

@@ -187,3 +187,21 @@ def test_priors_for_a_patient_use_the_omics(mapk):
     pri = mapk.priors_for(patient)
     assert pri["basal_RAF"][1]["mu"] > 0.5  # activating BRAF raises the basal activity of RAF
     assert pri["frac_mek_mutation"][0] == "beta"  # a MAP2K1 variant: a Beta prior on the resistant fraction
+
+
+def test_human_patients_get_human_kinetics_priors(ar):
+    """Species 'human' (the default) moves r_max/d_max to the human kinetics; mice keep the
+    xenograft defaults; nothing else changes."""
+    import dataclasses
+    import math
+
+    from twin.datasets import load_patient_example
+    from twin.model import HUMAN_KINETICS
+
+    human = load_patient_example()
+    mouse = dataclasses.replace(human, covariates=dataclasses.replace(human.covariates, species="mouse"))
+    ph, pm = ar.priors_for(human), ar.priors_for(mouse)
+    assert ph["r_max"] == HUMAN_KINETICS["r_max"] and math.isclose(math.exp(ph["r_max"][1]["mu"]), 0.02)
+    assert math.isclose(math.exp(ph["d_max"][1]["mu"]), 0.015)
+    assert pm["r_max"] == ar.default_priors()["r_max"] and math.isclose(math.exp(pm["r_max"][1]["mu"]), 0.1)
+    assert {k: v for k, v in ph.items() if k not in HUMAN_KINETICS} == {k: v for k, v in pm.items() if k not in HUMAN_KINETICS}

@@ -553,3 +553,23 @@ def test_docs_pk_examples_run_and_list_every_drug():
     )
     for name in catalogue():
         assert f"`{name}`" in text
+
+
+def test_multi_month_depot_releases_as_consecutive_unit_depots():
+    """Leuprolide 22.5 mg (3-month depot) = 7.5 mg 1-month depots at days 0, 28, 56; 7.5 mg
+    and non-multiples stay as given; the total amount is kept."""
+    from twin.pk import dose_table
+    from twin.regimen import Regimen
+
+    reg = Regimen.from_records([
+        {"drug": "leuprolide", "time": 10, "amount": 22.5, "route": "im"},
+        {"drug": "leuprolide", "time": 200, "amount": 7.5, "route": "im"},
+        {"drug": "leuprolide", "time": 300, "amount": 11.25, "route": "im"},
+    ])
+    table, _ = dose_table(reg, "leuprolide")
+    np.testing.assert_array_equal(table.time, [10, 38, 66, 200, 300])
+    np.testing.assert_array_equal(table.amount, [7.5, 7.5, 7.5, 7.5, 11.25])
+    assert table.amount.sum() == 22.5 + 7.5 + 11.25
+    # a drug without depot_unit_mg is never expanded
+    t2, _ = dose_table(Regimen.from_records([{"drug": "enzalutamide", "time": 0, "amount": 480, "route": "oral"}]), "enzalutamide")
+    np.testing.assert_array_equal(t2.amount, [480])

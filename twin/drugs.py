@@ -32,6 +32,9 @@ key                    unit        meaning
 ``standard_interval_day``  day     dosing interval
 ``standard_route``     --          oral | iv | sc | im | ip
 ``standard_duration_day``  day     infusion duration (0 = bolus)
+``depot_unit_mg``      mg          a depot formulation's amount per standard interval:
+                                   an extravascular dose of n x this amount is an
+                                   n-interval depot (:func:`twin.pk.dose_table`)
 ``<param>_sd_log``     --          sd of log(param) (prior / between-patient)
 ``<param>_cv``         --          coefficient of variation (converted to sd_log)
 =====================  ==========  ==============================================
@@ -107,6 +110,7 @@ class DrugPK:
     standard_route: str | None = None
     standard_duration_day: float = 0.0
     standard_schedule: str = ""
+    depot_unit_mg: float | None = None
     species: str = "human"
     source: str = ""
     potency_source: str = ""
@@ -278,6 +282,7 @@ def parse_drug_pk(name: str, spec: Mapping[str, Any]) -> DrugPK | None:
         standard_route=route,
         standard_duration_day=_num(spec, "standard_duration_day", name, positive=False) or 0.0,
         standard_schedule=str(spec.get("standard_schedule", "")),
+        depot_unit_mg=_num(spec, "depot_unit_mg", name),
         species=str(spec.get("species", "human")),
         source=str(spec.get("pk_source", "")),
         potency_source=str(spec.get("potency_source", "")),

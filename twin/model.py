@@ -99,6 +99,13 @@ def _lognormal(median: float, sigma: float) -> tuple[str, dict]:
     return ("lognormal", {"mu": math.log(median), "sigma": float(sigma)})
 
 
+#: Priors of the cell kinetics of tumours growing in patients: human solid tumours double in
+#: months (volume doubling times mostly 50-500 days; Friberg & Mattson 1997 J Surg Oncol 65:284),
+#: xenografts in days (the model's defaults, r_max 0.1/day, d_max 0.07/day). Medians 0.02 and
+#: 0.015/day (net 0.005/day, doubling ~140 days), one log-unit wide. Decision D20.
+HUMAN_KINETICS = {"r_max": _lognormal(0.02, 1.0), "d_max": _lognormal(0.015, 1.0)}
+
+
 @dataclass(frozen=True, eq=False)
 class TwinModel:
     """The default twin: signalling graph, drugs, tumour clones and observation functions.
@@ -118,6 +125,9 @@ class TwinModel:
     #: optional :class:`~twin.residual.NeuralResidual` (``None``: the mechanistic model exactly);
     #: set with :meth:`with_residual`, removed with :meth:`without_residual`.
     residual: Any = None
+    #: drug effects act through effect compartments ``E_<drug>`` (hysteresis; Sheiner et al.
+    #: 1979): dE/dt = k (I - E), k = ``ke_on`` while I > E, ``ke_off`` otherwise.
+    effect_delay: tuple = ()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,6 +141,7 @@ class TwinModel:
         persisters: bool = False,
         pathway: bool = True,
         drug_params: Mapping[str, Any] | None = None,
+        effect_delay: bool | Sequence[str] = False,
     ) -> "TwinModel":
         """Compose a model.
 
@@ -148,6 +159,12 @@ class TwinModel:
         pathway : ``False`` gives the reduced model without pathway states (proliferation
             and death at their reference rates; targeted drugs inhibit proliferation).
         drug_params : drug -> ``(PKParams, Potency)`` overriding the catalogue's PK.
+        effect_delay : ``True`` (every drug) or a list of drugs acting through effect
+            compartments ``E_<drug>`` (one state per such drug, 0 at the start): dE/dt = k (I - E) with the onset rate ``ke_on`` while the
+            target inhibition I exceeds E and the offset rate ``ke_off`` otherwise; the cells
+            (and PSA production) see E instead of I. Models delayed onset and slow recovery of
+            the drug effect, e.g. testosterone recovery over months after a GnRH-agonist depot
+            ends (``docs/model.md``, "Effect compartments").
         """
         from .drugs import lookup_drug
 
@@ -174,7 +191,18 @@ class TwinModel:
         if len(set(names)) != len(names):
             raise InputError(f"TwinModel: mechanism names must be unique, received {names}")
         nodes = tuple(graph.nodes) if (pathway and graph is not None) else ()
-        self = cls(graph, drugs, mechs, growth, bool(persisters), bool(pathway), pkd, (), nodes)
+        if effect_delay is True:
+            delayed = drugs
+        elif not effect_delay:
+            delayed = ()
+        else:
+            delayed = tuple(dict.fromkeys(str(d).lower() for d in ([effect_delay] if isinstance(effect_delay, str) else effect_delay)))
+            bad = [d for d in delayed if d not in drugs]
+            if bad:
+                raise InputError(f"TwinModel: effect_delay names {bad}, which are not among the model's drugs {list(drugs)}; "
+                                 f"fix: give True (every drug) or a subset of drugs")
+            delayed = tuple(d for d in drugs if d in delayed)  # the model's drug order
+        self = cls(graph, drugs, mechs, growth, bool(persisters), bool(pathway), pkd, (), nodes, None, delayed)
         object.__setattr__(self, "_params", tuple(self._build_params()))
         return self
 
@@ -202,6 +230,7 @@ class TwinModel:
             "growth": self.growth,
             "persisters": self.persisters,
             "pathway": self.pathway,
+            "effect_delay": list(self.effect_delay),
         }
 
     @classmethod
@@ -215,7 +244,8 @@ class TwinModel:
         graph = graph_from_dict(spec["graph"], source="model specification") if spec.get("graph") else None
         drug_params = {d: (PKParams(**v["pk"]), Potency(**v["potency"])) for d, v in spec.get("drug_pk", {}).items()}
         mechs = [Mechanism(m["name"], tuple(m["drugs"]), m.get("reference", "")) for m in spec.get("mechanisms", [])]
-        return cls.from_graph(graph, drugs=spec["drugs"], mechanisms=mechs, growth=spec["growth"], persisters=spec["persisters"], pathway=spec["pathway"], drug_params=drug_params)
+        return cls.from_graph(graph, drugs=spec["drugs"], mechanisms=mechs, growth=spec["growth"], persisters=spec["persisters"], pathway=spec["pathway"], drug_params=drug_params,
+                               effect_delay=list(spec.get("effect_delay") or []))
 
     def save(self, path) -> "Path":
         """Write ``path`` (JSON specification) and, with a neural residual, its weights beside
@@ -274,7 +304,8 @@ class TwinModel:
         if not extra:
             return self
         new = TwinModel.from_graph(self.graph, drugs=list(self.drugs) + extra, mechanisms=self.mechanisms, growth=self.growth,
-                                   persisters=self.persisters, pathway=self.pathway, drug_params=self.drug_pk)
+                                   persisters=self.persisters, pathway=self.pathway, drug_params=self.drug_pk,
+                                   effect_delay=self.effect_delay)
         return new.with_residual(self.residual) if self.residual is not None else new
 
     def without_residual(self) -> "TwinModel":
@@ -329,16 +360,18 @@ class TwinModel:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        """``x_<clone>_<node>`` (pathway activities), ``N_<compartment>`` [cells], ``psa``."""
+        """``x_<clone>_<node>`` (pathway activities), ``N_<compartment>`` [cells], ``E_<drug>``
+        (effect compartments, with ``effect_delay``), ``psa``."""
         xs = tuple(f"x_{c}_{n}" for c in self.clones for n in self._nodes)
         ns = tuple(f"N_{c}" for c in self.compartments)
-        return xs + ns + (("psa",) if self.has_psa else ())
+        es = tuple(f"E_{_ident(d)}" for d in self.effect_delay)
+        return xs + ns + es + (("psa",) if self.has_psa else ())
 
     @property
     def state_units(self) -> dict[str, str]:
         u = {}
         for s in self.state_names:
-            u[s] = "1" if s.startswith("x_") else ("cells" if s.startswith("N_") else "ng/mL")
+            u[s] = "1" if s.startswith(("x_", "E_")) else ("cells" if s.startswith("N_") else "ng/mL")
         return u
 
     @property
@@ -370,6 +403,9 @@ class TwinModel:
             add(_Param("r_p", 0.005, "1/day", "log", (0.0, 1.0), _lognormal(0.005, 1.0), "persister net growth rate (times the capacity factor)"))
         for d in self.cytotoxic_drugs:
             add(_Param(f"kill_{_ident(d)}", 0.3, "1/day", "log", (0.0, 100.0), _lognormal(0.3, 1.0), f"maximal kill rate of {d} (Emax, EC50 = the drug's IC50)"))
+        if self.effect_delay:
+            add(_Param("ke_on", 0.1, "1/day", "log", (1e-4, 100.0), _lognormal(0.1, 1.0), "onset rate of the drug effect (effect compartment, while the inhibition exceeds it)"))
+            add(_Param("ke_off", 0.02, "1/day", "log", (1e-4, 100.0), _lognormal(0.02, 1.0), "offset (recovery) rate of the drug effect after exposure falls"))
         if self.has_psa:
             add(_Param("psa_prod", 2.5, "ng/mL/day per 1e9 cells", "log", (0.0, 1e6), _lognormal(2.5, 1.5), "PSA production at reference PSA-node activity"))
             add(_Param("psa_clear", 0.25, "1/day", "log", (1e-3, 10.0), _lognormal(0.25, 0.3), "PSA clearance rate (half-life ~2.8 days)"))
@@ -457,10 +493,15 @@ class TwinModel:
         return pri
 
     def priors_for(self, patient) -> dict[str, tuple[str, dict]]:
-        """Default priors shifted by the patient's omics."""
+        """Default priors shifted by the patient's omics; for a tumour growing in a patient
+        (covariate ``species = "human"``) the proliferation and death rates get the human
+        kinetics priors :data:`HUMAN_KINETICS` (the defaults describe xenografts)."""
         from .omics import omics_priors
 
-        return self.default_priors(omics_priors(patient.omics, self.graph))
+        pri = self.default_priors(omics_priors(patient.omics, self.graph))
+        if str(getattr(getattr(patient, "covariates", None), "species", "human")).lower() == "human":
+            pri.update({k: (v[0], dict(v[1])) for k, v in HUMAN_KINETICS.items() if k in pri})
+        return pri
 
     # ------------------------------------------------------------------ the one definition
     def _structure(self) -> dict:
@@ -493,6 +534,7 @@ class TwinModel:
             "inputs": inputs, "hit": hit, "targeted": targeted, "cyto": [self.drugs.index(d) for d in self.cytotoxic_drugs],
             "blunted": blunted, "prol": prol, "death": death,
             "psa": idx.get(self.psa_node) if (self.has_psa and self.pathway) else None,
+            "delayed": [self.drugs.index(d) for d in self.effect_delay],
         }
         object.__setattr__(self, "_struct", cache)
         return cache
@@ -525,6 +567,11 @@ class TwinModel:
         st = self._structure()
         C, N = len(self.clones), len(self._nodes)
         nd = len(self.drugs)
+        if self.effect_delay:  # the cells see the effect compartments of the delayed drugs
+            off = C * N + len(self.compartments)
+            u = list(u[:nd])
+            for i, j in enumerate(st["delayed"]):
+                u[j] = y[off + i]
         inh = []
         for c in range(C):
             if c == 0:
@@ -598,6 +645,11 @@ class TwinModel:
             dN[0] = dN[0] - flow
             dN.append(flow + p["r_p"] * g * P)
         out += dN
+        if self.effect_delay:
+            off = C * N + len(self.compartments)
+            for i, j in enumerate(st["delayed"]):
+                e = y[off + i]
+                out.append(xp.where(u[j] > e, p["ke_on"], p["ke_off"]) * (u[j] - e))
         if self.has_psa:
             prod = 0.0
             for c in range(C):
@@ -722,6 +774,8 @@ class TwinModel:
         out += cells
         if self.persisters:
             out.append(xp.zeros_like(total) if not isinstance(total, float) else 0.0)
+        if self.effect_delay:
+            out += [xp.zeros_like(total) if not isinstance(total, float) else 0.0 for _ in self.effect_delay]
         if self.has_psa:
             prod = 0.0
             for c in range(C):

@@ -434,7 +434,35 @@ def dose_table(regimen, drug: str, *, arm: str | None = None, fill_amount: float
                 "or give a standard dose (twin.pk.exposure uses the catalogue's standard_dose_mg and flags it)"
             )
         amount[missing] = float(fill_amount)
-    return DoseTable(ev["time"].to_numpy(dtype=np.float64), amount, ev["route"].to_numpy(dtype=object), ev["duration"].to_numpy(dtype=np.float64)), n_missing
+    table = DoseTable(ev["time"].to_numpy(dtype=np.float64), amount, ev["route"].to_numpy(dtype=object), ev["duration"].to_numpy(dtype=np.float64))
+    return _expand_depots(table, drug), n_missing
+
+
+def _expand_depots(table: "DoseTable", drug: str) -> "DoseTable":
+    """Multi-interval depots as consecutive unit depots: for a drug whose catalogue entry has
+    ``depot_unit_mg`` (e.g. leuprolide 7.5 mg = 1-month depot), an extravascular bolus of
+    n x that amount (n >= 2, rounded) releases like n unit depots given every
+    ``standard_interval_day`` (a 22.5 mg 3-month depot = 7.5 mg at days 0, 28, 56). The
+    catalogue's single absorption rate describes the unit depot only; without this a
+    3-month depot would release within one month."""
+    from .drugs import lookup_drug
+
+    cat = lookup_drug(drug)
+    unit = getattr(getattr(cat, "pk", None), "depot_unit_mg", None)
+    interval = getattr(getattr(cat, "pk", None), "standard_interval_day", None)
+    if not unit or not interval or not len(table):
+        return table
+    n = np.rint(table.amount / unit)
+    multi = table.extravascular & (table.duration <= 0) & (n >= 2) & (np.abs(table.amount - n * unit) <= 0.05 * n * unit)
+    if not multi.any():
+        return table
+    reps = np.where(multi, n, 1).astype(np.int64)
+    idx = np.repeat(np.arange(len(table)), reps)
+    k = np.concatenate([np.arange(r) for r in reps])
+    time = table.time[idx] + k * float(interval)
+    amount = np.where(multi[idx], table.amount[idx] / reps[idx], table.amount[idx])
+    order = np.argsort(time, kind="stable")
+    return DoseTable(time[order], amount[order], table.route[idx][order], table.duration[idx][order])
 
 
 # ----------------------------------------------------------------------------------------
