@@ -28,10 +28,21 @@ How the arms are simulated
   with its *complete* dose history as the regimen (``simulate`` counts doses before
   ``times[0]`` in the PK). This is exact, not an approximation.
 
-  Cost: one ``simulate`` call per (visit interval x distinct history). With ``V`` visits and
-  ``D`` draws that is between ``V`` calls (all draws decide alike) and ``V x D`` calls (every
-  draw has its own history), each over one visit interval only, so the integrated
-  time per draw is the same as for a fixed arm; the overhead is the number of calls.
+  Engine (``_ENGINE``): by default (``"compiled"``, models without a neural residual) there
+  is no ``simulate`` call: each visit interval of an arm is *one* call of
+  :meth:`twin.compiled.CompiledTwin.solve_groups` for all draws, each draw on the segment
+  schedule (PK event times and closed-form PK states) of its own dose history -- one schedule
+  per distinct history, built from dose tables extended interval by interval
+  (:class:`_HistoryDoses`) -- from its own state at the visit, with the step size carried
+  from dose to dose and across visits (``_CARRY_STEP``; the integrator's tolerance is
+  unchanged; without it the results equal the ``simulate`` path bit for bit). Fixed arms are
+  one such call each. States stay numpy arrays; observables come from
+  :meth:`TwinModel.observe`. The members run in parallel over numba's threads
+  (``NUMBA_NUM_THREADS``). ``_ENGINE = "simulate"``: one ``simulate`` call per (visit
+  interval x distinct history), the reference path (also used with a neural residual or
+  ``TWIN_SIMULATE_BACKEND=torch``). Either way the integrated time per draw is that of a
+  fixed arm; the cost is the ODE steps (~35 per day per draw for twice-daily oral dosing at
+  rtol 1e-6), plus per visit the policy decisions and one PK scan per distinct history.
 * **Stochastic acquired resistance** (``replicates > 1``; ``mutation_rate``) is computed for
   every arm after its deterministic run (one-way coupling, as
   :func:`twin.resistance.acquired_resistance`), per group of draws with one dose history;
@@ -63,6 +74,20 @@ __all__ = ["PriorTwin", "prior_twin", "run_scenario", "run_trial", "save_result"
 TRAJECTORIES_FILE = "trajectories.nc"
 OUTCOMES_FILE = "outcomes.csv"
 _EPS = 1e-9
+
+#: How arms are integrated. ``"compiled"``: every arm through :class:`twin.compiled.CompiledTwin`
+#: directly -- one compiled call per arm (fixed protocols) or per arm and visit interval
+#: (adaptive and switching arms: all draws in one call, each on the segment schedule of its own
+#: dose history), states kept as numpy arrays, observables from :meth:`TwinModel.observe`.
+#: ``"simulate"``: one :func:`twin.simulate.simulate` call per dose history and interval (the
+#: reference path; always used for models with a neural residual or with
+#: ``TWIN_SIMULATE_BACKEND=torch``). Module-level so tests can compare the two.
+_ENGINE = "compiled"
+#: compiled engine: start each PK segment with the step the previous segment's start accepted,
+#: and carry it across visits (:data:`twin._codegen.SOLVER_CARRY`; ~10% fewer steps than the
+#: Hairer restart of ``simulate`` under twice-daily dosing, same tolerance). False: the same
+#: steps as ``simulate``.
+_CARRY_STEP = True
 
 
 # -- the twin --------------------------------------------------------------------------------
@@ -196,17 +221,28 @@ def _regimen_from_events(events) -> Any:
     return Regimen.from_records(ev.to_dict("records"))
 
 
-def _cumulative_dose(events, drugs, times) -> np.ndarray:
-    """(time, drug) cumulative mg of doses started at or before each time."""
-    out = np.zeros((len(times), len(drugs)))
+def _event_arrays(events):
+    """``(drug (lower case), time, amount)`` numpy columns of a dose-events table (None when
+    empty): filtered with numpy by :func:`_cumulative_dose` and :func:`_delivered`."""
     if events is None or len(events) == 0:
+        return None
+    return (events["drug"].str.lower().to_numpy(), events["time"].to_numpy(float), events["amount"].to_numpy(float))
+
+
+def _cumulative_dose(events, drugs, times, *, arrays=None) -> np.ndarray:
+    """(time, drug) cumulative mg of doses started at or before each time (``arrays``: the
+    events' :func:`_event_arrays`, when already made)."""
+    out = np.zeros((len(times), len(drugs)))
+    arrays = _event_arrays(events) if arrays is None else arrays
+    if arrays is None:
         return out
+    dl, tt, aa = arrays
     for j, d in enumerate(drugs):
-        e = events[events["drug"].str.lower() == d]
-        if not len(e):
+        sel = dl == d
+        if not sel.any():
             continue
-        t = e["time"].to_numpy(float)
-        a = np.nan_to_num(e["amount"].to_numpy(float))
+        t = tt[sel]
+        a = np.nan_to_num(aa[sel])
         order = np.argsort(t)
         t, c = t[order], np.cumsum(a[order])
         idx = np.searchsorted(t, times + _EPS, side="right") - 1
@@ -343,10 +379,25 @@ def run_scenario(
         p_res = np.full(shape, np.nan)
     need_states = reps > 1
     crit = _switch_criterion(scenario, model, notes) if any("progression" in a.switch_conditions for a in scenario.arms) else None
+    eng = _Compiled(model, params, n, rtol=rtol, atol=atol) if _use_compiled(model) else None
 
     # fixed protocol arms (no switch): one simulate call ------------------------------------
     proto = [(i, a) for i, a in enumerate(scenario.arms) if not a.adaptive and not _switches(a)]
-    if proto:
+    if proto and eng is not None:
+        for i, a in proto:
+            ex = a.protocol.expansion(covariates, start=0.0, horizon=H)
+            reg = _regimen_from_events(ex.regimen.events())
+            block, st, _ = eng.integrate(np.arange(n), None, None, np.zeros(n, np.int64), [eng.schedule(reg, times[0], times[-1])], times)
+            _fill(arrays, i, model, block, slice(None), slice(None))
+            status[i] = np.maximum(status[i], st)
+            on_treatment[i] = _on_treatment_from_table(a.protocol.expand(covariates, start=0.0, horizon=H), times)[None, :]
+            cum[i] = _cumulative_dose(reg.events(), drugs, times)[None, :, :]
+            if reps > 1:
+                p_res[i] = _p_resistance(model, params, block, times, {(): (np.arange(n), reg)}, mu, reps, seed, i, notes, a.name)
+            del block
+        report(arm=",".join(a.name for _, a in proto), step=1, steps=1, time=H,
+               message=f"{len(proto)} protocol arm(s) x {n} draws simulated")
+    elif proto:
         regimens = {}
         for i, a in proto:
             ex = a.protocol.expansion(covariates, start=0.0, horizon=H)
@@ -376,8 +427,9 @@ def run_scenario(
                 notes.append(f"arm {arm.name!r}: the model has no resistant clone; the switch at resistance never happens")
         else:
             continue
-        states = _run_visits(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, on_treatment, cum,
-                             factor_arr, line_arr, status, report, rtol=rtol, atol=atol, seed=seed, keep_states=need_states)
+        run = _run_visits if eng is None else _run_visits_compiled
+        states = run(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, on_treatment, cum,
+                     factor_arr, line_arr, status, report, rtol=rtol, atol=atol, seed=seed, keep_states=need_states, eng=eng)
         if reps > 1:
             groups: dict[tuple, list[int]] = {}
             for j in range(n):
@@ -567,6 +619,8 @@ class _PolicyArm:
         self._bg_reg = arm.background.expand(covariates, start=0.0, horizon=H) if arm.background is not None else None
         self.prev_t = None
         self.factors = np.ones(n)
+        #: key -> (parent key, the doses this key adds over its interval: events or None)
+        self.chunks: dict[tuple, tuple] = {}
 
     def events(self, key):
         return self._events[key]
@@ -580,8 +634,8 @@ class _PolicyArm:
         if self.prev_t is not None:
             per_key = {}
             for key in set(self.keys):
-                ev = self._events[key]
-                per_key[key] = [_delivered(ev, d, self.prev_t, t0) for d in drugs]
+                arr = _event_arrays(self._events[key])
+                per_key[key] = [_delivered(None, d, self.prev_t, t0, arrays=arr) for d in drugs]
             for k_d, d in enumerate(drugs):
                 delivered[d] = np.array([per_key[self.keys[j]][k_d] for j in range(self.n)])
         factors, self.state = self.policy.decide(self.state, t0, observed, delivered=delivered or None)
@@ -603,6 +657,7 @@ class _PolicyArm:
                     new = self._doses[dk]
                 parts = [e for e in (parent, new) if e is not None and len(e)]
                 self._events[key] = pd.concat(parts, ignore_index=True) if parts else None
+                self.chunks[key] = (self.keys[j], new if new is not None and len(new) else None)
             self.keys[j] = key
 
     def factor(self):
@@ -751,7 +806,7 @@ def _drugs(step) -> list[str]:
 
 
 def _run_visits(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, on_treatment, cum,
-                factor_arr, line_arr, status, report, *, rtol, atol, seed, keep_states=False):
+                factor_arr, line_arr, status, report, *, rtol, atol, seed, keep_states=False, eng=None):
     """One arm integrated visit to visit. At each visit the controller ``ctl`` (a policy, or
     the switches of a protocol) decides per draw from that draw's own simulated observables;
     draws with identical dose history (``ctl.keys``) are integrated together over the next
@@ -817,6 +872,204 @@ def _run_visits(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, 
         y, obs_now = y_next, obs_next
         report(arm=arm.name, step=k + 1, steps=n_seg, time=t1,
                message=f"arm {arm.name}: visit {k + 1}/{n_seg} (day {t0:g}), {len(groups)} distinct dose histories")
+    return states_all
+
+
+def _use_compiled(model) -> bool:
+    if _ENGINE != "compiled":
+        return False
+    from twin.simulate import backend_for
+
+    return backend_for(model) == "numba"
+
+
+class _Compiled:
+    """The compiled integrator of one run: the draws' parameter rows and initial states
+    (computed once, as :func:`twin.simulate.simulate` does), segment schedules of regimens,
+    and one call of :meth:`twin.compiled.CompiledTwin.solve_groups` per integration."""
+
+    def __init__(self, model, params, n, *, rtol, atol, min_step=1e-8, max_steps=1_000_000):
+        import torch
+
+        from twin.compiled import compiled_twin
+
+        self.model, self.ct = model, compiled_twin(model)
+        self.rtol, self.atol, self.min_step, self.max_steps = float(rtol), float(atol), float(min_step), int(max_steps)
+        flat = {k: np.broadcast_to(np.asarray(v, np.float64), (n,)).copy() for k, v in params.items()}
+        with torch.no_grad():
+            p = model.parameter_tensors({k: torch.as_tensor(v) for k, v in flat.items()}, batch=n, stacked=True)
+            self.theta = np.stack([p[nm].detach().cpu().numpy() for nm in model.parameter_names], axis=-1)
+            self.y0 = model.initial_state(p).detach().cpu().numpy()
+
+    def doses(self, regimen) -> dict:
+        """drug -> :class:`twin.pk.DoseTable` of ``regimen``, as ``simulate`` builds them."""
+        from twin.simulate import regimen_doses
+
+        return regimen_doses(self.model, regimen)[0] if len(regimen) else {}
+
+    def schedule(self, regimen, t0, t1, *, doses=None):
+        """``(boundaries, w)`` of ``regimen`` (or of the dose tables ``doses``) on ``[t0, t1]``
+        (doses before ``t0`` included)."""
+        from twin.compiled import segment_schedule
+
+        doses = self.doses(regimen) if doses is None else doses
+        b, w, _ = segment_schedule(self.model, self.ct.layout, self.ct.n_w, regimen, float(t0), float(t1), doses=doses)
+        return b, w
+
+    def integrate(self, rows, y0, h_first, member_schedule, schedules, obs_times):
+        """States ``(M, T, S)`` at ``obs_times`` of the draws ``rows`` from ``y0`` (None: the
+        initial state), status ``(M,)`` (:data:`twin.simulate.STATUS_CODES`; a failed
+        member's states are NaN) and the carried step sizes ``(M,)``."""
+        rows = np.asarray(rows, np.int64)
+        y0 = self.y0[rows] if y0 is None else np.asarray(y0, np.float64)
+        bad0 = ~np.isfinite(y0).all(axis=-1)
+        out, st, _, h = self.ct.solve_groups(self.theta[rows], np.where(bad0[:, None], 0.0, y0), schedules, member_schedule, obs_times,
+                                             h_first=h_first, carry=_CARRY_STEP, rtol=self.rtol, atol=self.atol,
+                                             max_steps=self.max_steps, min_step=self.min_step)
+        status = np.zeros(len(rows), np.int64)
+        status[st == 1], status[st == 2], status[bad0] = 2, 1, 3
+        if status.any():
+            out[status != 0] = np.nan
+        return out, status, h
+
+
+def _merge_doses(parent: dict, chunk: dict) -> dict | None:
+    """The dose tables of a history ``parent`` followed by ``chunk`` (doses given after all of
+    the parent's), per drug the concatenation: what :func:`twin.simulate.regimen_doses` builds
+    from the concatenated events. None when a drug's chunk does not start after its parent."""
+    from twin.pk import DoseTable
+
+    out = dict(parent)
+    for d, tab in chunk.items():
+        old = out.get(d)
+        if old is None or not len(old):
+            out[d] = tab
+        elif not len(tab):
+            continue
+        elif old.time[-1] < tab.time[0]:
+            out[d] = DoseTable(np.concatenate([old.time, tab.time]), np.concatenate([old.amount, tab.amount]),
+                               np.concatenate([old.route, tab.route]), np.concatenate([old.duration, tab.duration]))
+        else:
+            return None
+    return out
+
+
+class _HistoryDoses:
+    """Dose tables per dose history (``ctl.keys``) of a visit-to-visit arm. A policy arm's
+    new history is its parent's plus the doses of one interval (``ctl.chunks``): its tables
+    are the parent's extended by that interval's tables (built once per distinct interval
+    dosing), not rebuilt from the whole history at every visit."""
+
+    def __init__(self, eng, ctl):
+        self.eng, self.ctl = eng, ctl
+        self.by_key: dict[tuple, dict] = {}
+        self.by_chunk: dict[int, tuple] = {}
+
+    def __call__(self, key) -> dict:
+        d = self.by_key.get(key)
+        if d is not None:
+            return d
+        link = getattr(self.ctl, "chunks", {}).get(key)
+        if link is not None and link[0] in self.by_key:
+            parent, ev = link
+            if ev is None:
+                d = self.by_key[parent]
+            else:
+                hit = self.by_chunk.get(id(ev))
+                if hit is None:
+                    hit = self.by_chunk[id(ev)] = (ev, self.eng.doses(_regimen_from_events(ev)))
+                d = _merge_doses(self.by_key[parent], hit[1])
+        if d is None:
+            d = self.eng.doses(_regimen_from_events(self.ctl.events(key)))
+        self.by_key[key] = d
+        return d
+
+    def keep(self, keys):
+        """Forget the histories not in ``keys`` (those no draw follows any more)."""
+        self.by_key = {k: v for k, v in self.by_key.items() if k in keys}
+
+
+def _fill(arrays, i, model, block, members, idx_t):
+    """Write the states ``block (members, T, S)`` into the result arrays of arm ``i``
+    (observables by :meth:`TwinModel.observe`, compartments by name)."""
+    names = list(model.state_names)
+    obs = model.observe(block)
+    for v, arr in arrays.items():
+        val = obs[v] if v in obs else block[..., names.index(v)]
+        if isinstance(members, slice) and isinstance(idx_t, slice):
+            arr[i][members, idx_t] = val
+        else:
+            arr[i][np.ix_(members, idx_t)] = val
+
+
+def _run_visits_compiled(i, arm, ctl, model, params, n, times, visits, H, drugs, arrays, on_treatment, cum,
+                         factor_arr, line_arr, status, report, *, rtol, atol, seed, keep_states=False, eng=None):
+    """:func:`_run_visits` with the compiled engine ``eng`` (:class:`_Compiled`): at each
+    visit interval, one segment schedule per distinct dose history (its complete doses, as
+    ``simulate`` would use) and one compiled call for all draws, each from its own state at
+    the visit; step sizes carried across visits (``_CARRY_STEP``). Same results as the
+    ``simulate`` path (bit for bit without ``_CARRY_STEP``, within the integrator's
+    tolerance with it)."""
+    state_names = list(model.state_names)
+    states_all = np.full((n, len(times), len(state_names)), np.nan) if keep_states else None
+    seg_bounds = list(visits) + ([H] if visits[-1] < H - _EPS else [])
+    n_seg = len(seg_bounds) - 1
+    if visits[0] > _EPS or n_seg == 0:
+        raise InputError(f"arm {arm.name!r}: the first visit must be at day 0 and the horizon after it")
+    y = eng.y0.copy()  # (n, S) at the current visit
+    h_carry = np.zeros(n)
+    obs_names = [o for o in ("tumor_volume", "total_cells", "psa") if o in model.observable_names]
+    comp = [s for s in state_names if s.startswith("N_")]
+    rows = np.arange(n)
+
+    def observables(states):
+        ob = model.observe(states)
+        out = {o: np.asarray(ob[o], float) for o in obs_names}
+        out.update({c: states[:, state_names.index(c)] for c in comp})
+        return out
+
+    obs_now = observables(y)
+    hist_doses = _HistoryDoses(eng, ctl)
+    for k in range(n_seg):
+        t0, t1 = float(seg_bounds[k]), float(seg_bounds[k + 1])
+        i0 = int(np.searchsorted(times, t0 - _EPS))
+
+        def history(var, _i0=i0):
+            return times[: _i0 + 1], arrays[var][i][:, : _i0 + 1]
+
+        if k < len(visits) and abs(visits[k] - t0) < _EPS:
+            ctl.visit(t0, t1, _observed(obs_now), history, drugs)
+        mask_t = (times >= t0 - _EPS) & (times <= t1 + _EPS)
+        seg_times = times[mask_t]
+        idx_t = np.nonzero(mask_t)[0]
+        keys: dict[tuple, int] = {}
+        member_sched = np.empty(n, np.int64)
+        for j in range(n):
+            member_sched[j] = keys.setdefault(ctl.keys[j], len(keys))
+        schedules, events = [], []
+        for key in keys:
+            events.append(ctl.events(key))
+            schedules.append(eng.schedule(None, seg_times[0], seg_times[-1], doses=hist_doses(key)))
+        hist_doses.keep(keys)
+        block, st, h_carry = eng.integrate(rows, y, h_carry, member_sched, schedules, seg_times)
+        _fill(arrays, i, model, block, rows, idx_t)
+        status[i] = np.maximum(status[i], st)
+        if states_all is not None:
+            states_all[:, idx_t] = block
+        for g, ev in enumerate(events):
+            m = np.nonzero(member_sched == g)[0]
+            cum[i][np.ix_(m, idx_t)] = _cumulative_dose(ev, drugs, seg_times)[None, :, :]
+        y = block[:, -1, :].copy()
+        # the state in force over [t0, t1): set the interval's grid points (t1 gets the next decision)
+        last = k == n_seg - 1
+        fill = idx_t if last else idx_t[:-1]
+        factor_arr[i][:, fill] = np.asarray(ctl.factor(), float)[:, None]
+        line_arr[i][:, fill] = ctl.line()[:, None]
+        on_treatment[i][:, fill] = ctl.on_treatment(times[fill])
+        obs_now = observables(y)
+        del block
+        report(arm=arm.name, step=k + 1, steps=n_seg, time=t1,
+               message=f"arm {arm.name}: visit {k + 1}/{n_seg} (day {t0:g}), {len(keys)} distinct dose histories")
     return states_all
 
 
@@ -886,11 +1139,14 @@ def _observed(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _delivered(events, drug, a, b) -> float:
-    if events is None or not len(events):
+def _delivered(events, drug, a, b, *, arrays=None) -> float:
+    """mg of ``drug`` started in ``[a, b)`` (``arrays``: the events' :func:`_event_arrays`)."""
+    arrays = _event_arrays(events) if arrays is None else arrays
+    if arrays is None:
         return 0.0
-    e = events[(events["drug"].str.lower() == drug) & (events["time"] >= a - _EPS) & (events["time"] < b - _EPS)]
-    return float(np.nan_to_num(e["amount"].to_numpy(float)).sum())
+    dl, t, amt = arrays
+    sel = (dl == drug) & (t >= a - _EPS) & (t < b - _EPS)
+    return float(np.nan_to_num(amt[sel]).sum())
 
 
 # -- saving ------------------------------------------------------------------------------------

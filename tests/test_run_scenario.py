@@ -57,7 +57,10 @@ def test_protocol_arm_equals_direct_simulate(small, patient):
     direct = simulate(tw.model, tw.draws, {"continuous": reg}, res["time"].values, **TOL, pathway_states=False)
     a = res["tumor_volume"].sel(arm="continuous").values
     b = direct["tumor_volume"].isel(regimen=0).values
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=0)
+    # the runner's compiled engine carries the step size from dose to dose (scenarios.run.
+    # _CARRY_STEP) where simulate restarts it: the same tolerance (1e-10), other steps; without
+    # the carry the two are bit-identical (tests/test_run_scenario_compiled.py)
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=0)
 
 
 def test_always_treat_equals_protocol_and_never_equals_untreated(small):

@@ -85,6 +85,31 @@ def pk_inputs(layout):
     return inputs
 
 
+_SCANS = None  # OrderedDict: (id(params), id(doses)) -> (params, doses, PKScan); bounded LRU
+_SCANS_SIZE = 256
+
+
+def _scan(params, tab, pk_scan):
+    """``pk_scan(params, tab)``, reused while the same DoseTable object comes back (a scenario
+    arm's dose history over several visits: O(doses) once instead of at every visit). The
+    entry holds the objects, so their ids stay theirs while cached."""
+    from collections import OrderedDict
+
+    global _SCANS
+    if _SCANS is None:
+        _SCANS = OrderedDict()
+    key = (id(params), id(tab))
+    hit = _SCANS.get(key)
+    if hit is not None and hit[0] is params and hit[1] is tab:
+        _SCANS.move_to_end(key)
+        return hit[2]
+    sc = pk_scan(params, tab)
+    _SCANS[key] = (params, tab, sc)
+    if len(_SCANS) > _SCANS_SIZE:
+        _SCANS.popitem(last=False)
+    return sc
+
+
 def segment_schedule(model, layout, n_w: int, regimen, t0: float, t_end: float, *, doses: dict | None = None):
     """``(boundaries, w, notes)`` of ``regimen`` on ``[t0, t_end]``: a boundary at every PK
     event inside, each segment's PK state (doses before ``t0`` included). ``doses``: the
@@ -102,7 +127,7 @@ def segment_schedule(model, layout, n_w: int, regimen, t0: float, t_end: float, 
     scans = {}
     for d, tab in doses.items():
         if len(tab):
-            scans[d] = pk_scan(model.drug_pk[d][0], tab)
+            scans[d] = _scan(model.drug_pk[d][0], tab, pk_scan)
             e = scans[d].events
             ev.extend(e[(e > t0) & (e < t_end)].tolist())
     b = np.unique(np.asarray(ev, dtype=np.float64))
@@ -135,13 +160,37 @@ def solve_members(TH, Y0, boundaries, wseg, obs_times, rtol, atol, max_steps, mi
     status = np.zeros(B, dtype=np.int64)
     steps = np.zeros(B, dtype=np.int64)
     for b in range(B):
-        o, st, ns, nf = solve_plain(TH[b], Y0[b].copy(), boundaries, wseg, obs_times, rtol, atol, max_steps, 1e-2, min_step)
+        o, st, ns, nf = solve_plain(prep(TH[b]), Y0[b].copy(), boundaries, wseg, obs_times, rtol, atol, max_steps, 1e-2, min_step)
         for it in range(T):
             for i in range(N):
                 out[b, it, i] = o[it, i]
         status[b] = st
         steps[b] = ns
     return out, status, steps
+"""
+
+
+_GROUPS = """
+@numba.njit(cache=_CACHE, parallel=True)
+def solve_groups(TH, Y0, H0, member_sched, b_off, w_off, B_all, W_all, obs_times, rtol, atol, max_steps, min_step, carry):
+    B = TH.shape[0]
+    T = obs_times.shape[0]
+    out = np.empty((B, T, N))
+    status = np.zeros(B, dtype=np.int64)
+    steps = np.zeros(B, dtype=np.int64)
+    h_out = np.zeros(B)
+    for b in numba.prange(B):
+        g = member_sched[b]
+        bnd = B_all[b_off[g]:b_off[g + 1]]
+        ws = W_all[w_off[g]:w_off[g + 1]]
+        o, st, ns, nf, hf = solve_carry(prep(TH[b]), Y0[b].copy(), bnd, ws, obs_times, rtol, atol, max_steps, H0[b], min_step, carry)
+        for it in range(T):
+            for i in range(N):
+                out[b, it, i] = o[it, i]
+        status[b] = st
+        steps[b] = ns
+        h_out[b] = hf
+    return out, status, steps, h_out
 """
 
 
@@ -166,9 +215,17 @@ class CompiledTwin:
         dy = model.equations(None, args["y"], p, u, xp)
         from ._codegen import _src
 
-        body = tape.lines + [f"    dy[{i}] = {_src(v)}" for i, v in enumerate(dy)]
+        lines, prep, n_derived = _hoist_parameter_lines(tape.lines, len(names)) if _HOIST else (list(tape.lines), [], 0)
+        body = lines + [f"    dy[{i}] = {_src(v)}" for i, v in enumerate(dy)]
         src = "@numba.njit(cache=_CACHE)\ndef rhs_only(t, s, y, th, w, dy):\n" + "\n".join(body or ["    pass"]) + "\n"
-        self.source = module_source(src, n, len(names), cache=True, sensitivities=False, extra=_MEMBERS)
+        src += ("\n\n@numba.njit(cache=_CACHE)\ndef prep(th):\n"
+                f"    out = np.empty({len(names) + n_derived})\n    for i in range({len(names)}):\n        out[i] = th[i]\n"
+                + "".join(line + "\n" for line in prep) + "    return out\n")
+        self.n_derived = n_derived
+        from ._codegen import SOLVER_CARRY
+
+        extra = _MEMBERS + SOLVER_CARRY.format(name="solve_carry", aug="aug_plain") + _GROUPS
+        self.source = module_source(src, n, len(names), cache=True, sensitivities=False, extra=extra)
         self.module = load_module(self.source)
         self.n = n
 
@@ -182,6 +239,55 @@ class CompiledTwin:
                                          np.ascontiguousarray(obs_times, dtype=np.float64), float(rtol), float(atol), int(max_steps), float(min_step))
 
 
+    def solve_groups(self, theta, y0, schedules, member_schedule, obs_times, *, h_first=None, carry=True, rtol=1e-6, atol=1e-9,
+                     max_steps=1_000_000, min_step=1e-8):
+        """Like :meth:`solve`, each member ``b`` on its own segment schedule
+        ``schedules[member_schedule[b]]`` (a ``(boundaries, w)`` pair of
+        :func:`segment_schedule`), all in one compiled call (members in parallel over numba's
+        threads, ``NUMBA_NUM_THREADS``). ``carry``: start each segment with the step the
+        previous segment's start accepted (:data:`twin._codegen.SOLVER_CARRY`; False: the
+        Hairer restart of :meth:`solve`, the same steps); ``h_first`` ``(B,)``: each member's
+        carried step from a previous call (0 or None: estimate). Returns states
+        ``(B, T, n)``, status ``(B,)`` (0 ok, 1 max steps, 2 step underflow or non-finite
+        state), steps ``(B,)`` and the carried steps ``(B,)`` for the next call."""
+        TH = np.ascontiguousarray(theta, dtype=np.float64)
+        Y0 = np.ascontiguousarray(y0, dtype=np.float64)
+        B = TH.shape[0]
+        H0 = np.zeros(B) if h_first is None else np.ascontiguousarray(h_first, dtype=np.float64)
+        nb = np.array([len(b) for b, _ in schedules], dtype=np.int64)
+        b_off = np.concatenate([[0], np.cumsum(nb)]).astype(np.int64)
+        w_off = np.concatenate([[0], np.cumsum(nb - 1)]).astype(np.int64)
+        B_all = np.ascontiguousarray(np.concatenate([np.asarray(b, dtype=np.float64) for b, _ in schedules]))
+        W_all = np.ascontiguousarray(np.concatenate([np.asarray(w, dtype=np.float64).reshape(-1, self.n_w) for _, w in schedules]))
+        ms = np.ascontiguousarray(member_schedule, dtype=np.int64)
+        return self.module.solve_groups(TH, Y0, H0, ms, b_off, w_off, B_all, W_all, np.ascontiguousarray(obs_times, dtype=np.float64),
+                                        float(rtol), float(atol), int(max_steps), float(min_step), bool(carry))
+
+
+def _hoist_parameter_lines(lines, n_params):
+    """Split traced lines into those of the vector field and those that depend on the
+    parameters ``th`` only (e.g. ``_sigmoid(th[11])``, a node's capacity): the latter move to
+    ``prep(th)``, computed once per member, whose result (``th`` followed by the derived
+    values) the vector field receives as ``th``; there each hoisted value is read back as
+    ``th[n_params + j]``. The same expressions in the same order: bit-identical values."""
+    import re
+
+    ref = re.compile(r"(?<![\w.])(v\d+|th\[\d+\]|y\[\d+\]|w\[\d+\]|t|s)(?![\w\[])")
+    param_only: set[str] = set()
+    rhs, prep = [], []
+    for line in lines:
+        name, expr = line.strip().split(" = ", 1)
+        refs = ref.findall(expr)
+        if refs and all(r.startswith("th[") or r in param_only for r in refs):
+            k = n_params + len(param_only)
+            param_only.add(name)
+            prep += [line, f"    out[{k}] = {name}"]
+            rhs.append(f"    {name} = th[{k}]")
+        else:
+            rhs.append(line)
+    return rhs, prep, len(param_only)
+
+
 def _Sym_s(tape):
     from ._codegen import Sym
 
@@ -189,11 +295,14 @@ def _Sym_s(tape):
 
 
 _CACHE: dict[str, CompiledTwin] = {}
+#: move parameter-only expressions of the vector field into ``prep(th)`` (once per member);
+#: False generates the vector field as traced (benchmarks compare the two; same values)
+_HOIST = True
 
 
 def compiled_twin(model) -> CompiledTwin:
     """The :class:`CompiledTwin` of ``model``'s structure (cached in the process by spec)."""
-    key = json.dumps(model.spec(), sort_keys=True, default=str)
+    key = json.dumps(model.spec(), sort_keys=True, default=str) + ("" if _HOIST else "|unhoisted")
     ct = _CACHE.get(key)
     if ct is None:
         ct = CompiledTwin(model)

@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_scenarios.py [--draws 1000] [--days 730]
         [--patients 100] [--trial-draws 20] [--skip-trial] [--profile]
+        [--threads N] [--engine compiled|simulate] [--no-carry]
 
 (a) One patient (the bundled prostate patient ``twin.datasets.load_patient_example()``),
 the library scenario ``adt_continuous_vs_intermittent_vs_adaptive`` (3 arms: continuous
@@ -20,6 +21,15 @@ same model and the same doses into one run (here all of them: the ADT doses are 
 
 ``--profile`` runs (a) under cProfile and prints the top 25 functions by cumulative and by
 own time. Goal on the 2-core development machine: (a) <= 2 s, (b) <= 2 min.
+
+Engine (``scenarios.run._ENGINE``): ``compiled`` (default) integrates each arm, and each visit
+interval of an adaptive arm, with one compiled call for all draws (members in parallel over
+numba's threads: ``--threads``, default ``NUMBA_NUM_THREADS``, i.e. all cores);
+``--engine simulate`` is the reference path (one ``twin.simulate`` call per dose history and
+visit interval). ``--no-carry`` restarts the step size at every dose as ``simulate`` does
+(``scenarios.run._CARRY_STEP = False``). ``--baseline``: the code before the compiled engine
+(the simulate path with the vector field as traced, ``twin.compiled._HOIST = False``). The header line prints the machine load; on the
+shared machine compare timings only within one run or at similar load.
 
 The last line is ``BENCH scenarios seconds=<(a) seconds> trial_seconds=<(b) seconds>``
 (``trial_seconds=nan`` with ``--skip-trial``).
@@ -146,12 +156,32 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-trial", action="store_true", help="run (a) only")
     ap.add_argument("--trial-loop", action="store_true", help="(b) as one run_scenario per patient instead of run_trial")
     ap.add_argument("--profile", action="store_true", help="cProfile (a): top 25 functions")
+    ap.add_argument("--threads", type=int, default=None, help="numba threads of the compiled engine (default NUMBA_NUM_THREADS)")
+    ap.add_argument("--engine", choices=("compiled", "simulate"), default="compiled", help="scenarios.run._ENGINE (default compiled)")
+    ap.add_argument("--no-carry", action="store_true", help="compiled engine: restart the step size at every dose (as simulate)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="the code before issue 5 item 10: --engine simulate with the vector field not hoisted (twin.compiled._HOIST = False)")
     args = ap.parse_args(argv)
+    import numba
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; machine: {_machine()}", flush=True)
+    import scenarios.run as runner
+
+    if args.baseline:
+        import twin.compiled
+
+        twin.compiled._HOIST = False
+        args.engine = "simulate"
+    runner._ENGINE = args.engine
+    runner._CARRY_STEP = not args.no_carry
+    if args.threads:
+        numba.set_num_threads(int(args.threads))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; engine {args.engine}{' (baseline)' if args.baseline else ''}"
+          f"{'' if args.engine == 'simulate' else f' ({numba.get_num_threads()} numba threads, step carry {runner._CARRY_STEP})'}; "
+          f"machine: {_machine()}", flush=True)
     a = one_patient(args.draws, args.days, profile=args.profile)
     b = float("nan") if args.skip_trial else trial(args.patients, args.trial_draws, args.days, loop=args.trial_loop)
+    print(f"machine at the end: {_machine()}", flush=True)
     print(f"BENCH scenarios seconds={a:.3f} trial_seconds={b:.3f}", flush=True)
     return 0
 
