@@ -346,7 +346,7 @@ def _advi(bm: BuiltModel, *, draws, chains, seed, progress, n_iter):
 
 
 #: L-BFGS-B settings of the MAP search (scipy ``minimize`` options).
-MAP_OPTIONS = {"maxiter": 5000, "maxfun": 20000, "ftol": 1e-9, "gtol": 1e-5}
+MAP_OPTIONS = {"maxiter": 5000, "maxfun": 20000, "ftol": 1e-12, "gtol": 1e-6}
 
 
 def _laplace(bm: BuiltModel, *, draws, chains, seed, progress, n_starts: int = 4):

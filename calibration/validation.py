@@ -1109,6 +1109,12 @@ def _result_path(work: Path, kind: str, key) -> Path:
     return Path(work) / _KIND_DIR[kind] / f"{_task_name(kind, key)}.json"
 
 
+def _map_options() -> dict:
+    from .calibrate import MAP_OPTIONS
+
+    return dict(MAP_OPTIONS)
+
+
 def model_fingerprint(kind: str, key) -> str:
     """A short hash of everything a split's twin depends on besides the data: the model
     ``default_model`` builds for it (its specification, parameters, defaults, the priors for the
@@ -1127,7 +1133,7 @@ def model_fingerprint(kind: str, key) -> str:
         p = load_pdxe()[key[0]]
         m = default_model(p, arms=list(key[2]))
     doc = {"spec": m.spec(), "parameters": list(m.parameter_names), "defaults": m.default_values(), "priors": m.priors_for(p),
-           "states": list(m.state_names), "settings": SETTINGS}
+           "states": list(m.state_names), "settings": SETTINGS, "map_options": _map_options()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
