@@ -602,6 +602,15 @@ def _switch_criterion(scenario, model, notes):
     )
 
 
+_LAZY = object()  # _PolicyArm._events: a history's table not built yet
+
+
+def _pd_concat(parts):
+    import pandas as pd
+
+    return pd.concat(parts, ignore_index=True)
+
+
 class _PolicyArm:
     """Visit controller of an adaptive arm: the policy decides per draw at each visit.
 
@@ -621,21 +630,54 @@ class _PolicyArm:
         self.factors = np.ones(n)
         #: key -> (parent key, the doses this key adds over its interval: events or None)
         self.chunks: dict[tuple, tuple] = {}
+        self._arrays: dict[tuple, Any] = {}  # key -> _event_arrays of its events (keys in use)
+        self._chunk_arrays: dict[int, tuple] = {}  # id(chunk events) -> (events, arrays)
 
     def events(self, key):
-        return self._events[key]
+        """The dose events of history ``key`` (its parent's followed by its interval's; the
+        concatenated table is built when first asked for)."""
+        ev = self._events[key]
+        if ev is _LAZY:
+            parent, new = self.chunks[key]
+            parts = [e for e in (self.events(parent), new) if e is not None and len(e)]
+            ev = self._events[key] = _pd_concat(parts) if parts else None
+        return ev
+
+    def arrays(self, key):
+        """:func:`_event_arrays` of ``events(key)``: the parent's arrays followed by the chunk's
+        (the key's table is their concatenation, in that order), so a visit costs O(its
+        doses), not O(the whole history); remembered until :meth:`keep_arrays`."""
+        if key in self._arrays:
+            return self._arrays[key]
+        link = self.chunks.get(key)
+        if link is not None and link[0] in self._arrays:
+            pa, new = self._arrays[link[0]], link[1]
+            na = None
+            if new is not None:
+                hit = self._chunk_arrays.get(id(new))
+                if hit is None or hit[0] is not new:
+                    hit = self._chunk_arrays[id(new)] = (new, _event_arrays(new))
+                na = hit[1]
+            arr = pa if na is None else na if pa is None else tuple(np.concatenate([x, y]) for x, y in zip(pa, na))
+        else:
+            arr = _event_arrays(self.events(key))
+        self._arrays[key] = arr
+        return arr
+
+    def keep_arrays(self, keys):
+        """Forget the arrays of the keys not in ``keys``."""
+        self._arrays = {k: v for k, v in self._arrays.items() if k in keys}
 
     def visit(self, t0, t1, observed, history, drugs):
-        import pandas as pd
-
         from .scenario import policy_doses
 
         delivered = {}
         if self.prev_t is not None:
             per_key = {}
             for key in set(self.keys):
-                arr = _event_arrays(self._events[key])
+                arr = self.arrays(key)
                 per_key[key] = [_delivered(None, d, self.prev_t, t0, arrays=arr) for d in drugs]
+            self.keep_arrays(per_key)  # the parents of this visit's histories
             for k_d, d in enumerate(drugs):
                 delivered[d] = np.array([per_key[self.keys[j]][k_d] for j in range(self.n)])
         factors, self.state = self.policy.decide(self.state, t0, observed, delivered=delivered or None)
@@ -647,7 +689,6 @@ class _PolicyArm:
             anchor = round(float(anchors[j]), 9) if f > 0 else None
             key = self.keys[j] + ((f, anchor),)
             if key not in self._events:
-                parent = self._events[self.keys[j]]
                 new = None
                 if f > 0:
                     dk = (anchor, t0, t1, f)
@@ -655,8 +696,7 @@ class _PolicyArm:
                         self._doses[dk] = policy_doses(self.arm.treat, anchor=anchor, start=t0, stop=t1, factor=f,
                                                        covariates=self.cov).events()
                     new = self._doses[dk]
-                parts = [e for e in (parent, new) if e is not None and len(e)]
-                self._events[key] = pd.concat(parts, ignore_index=True) if parts else None
+                self._events[key] = _LAZY  # built by events(key) when asked for
                 self.chunks[key] = (self.keys[j], new if new is not None and len(new) else None)
             self.keys[j] = key
 
@@ -964,6 +1004,9 @@ class _HistoryDoses:
         self.eng, self.ctl = eng, ctl
         self.by_key: dict[tuple, dict] = {}
         self.by_chunk: dict[int, tuple] = {}
+        #: key -> drug -> (time of the history's last PK event, PK state just after it)
+        self.end: dict[tuple, dict] = {}
+        self.consts: dict[str, tuple] = {}  # drug -> _pk_consts
 
     def __call__(self, key) -> dict:
         d = self.by_key.get(key)
@@ -975,18 +1018,168 @@ class _HistoryDoses:
             if ev is None:
                 d = self.by_key[parent]
             else:
-                hit = self.by_chunk.get(id(ev))
-                if hit is None:
-                    hit = self.by_chunk[id(ev)] = (ev, self.eng.doses(_regimen_from_events(ev)))
-                d = _merge_doses(self.by_key[parent], hit[1])
+                d = _merge_doses(self.by_key[parent], self.chunk(ev))
         if d is None:
             d = self.eng.doses(_regimen_from_events(self.ctl.events(key)))
         self.by_key[key] = d
         return d
 
+    def chunk(self, ev) -> dict:
+        """The dose tables of one interval's dose events ``ev`` (built once per distinct chunk)."""
+        hit = self.by_chunk.get(id(ev))
+        if hit is None or hit[0] is not ev:
+            hit = self.by_chunk[id(ev)] = (ev, self.eng.doses(_regimen_from_events(ev)))
+        return hit[1]
+
     def keep(self, keys):
         """Forget the histories not in ``keys`` (those no draw follows any more)."""
         self.by_key = {k: v for k, v in self.by_key.items() if k in keys}
+        self.end = {k: v for k, v in self.end.items() if k in keys}
+
+    def schedule(self, key, t0, t1):
+        """``(boundaries, w)`` of history ``key`` on ``[t0, t1]``: from its parent's PK state
+        after the parent's last dose event, propagated in closed form, plus the scan of the
+        doses of this interval (the PK is linear: the superposition of the two), when the
+        parent's state is known and its doses all precede ``t0`` and the chunk's; otherwise
+        :meth:`_Compiled.schedule` of the whole history (an O(doses) scan). Same schedule up
+        to rounding (``_SPLIT_SCHEDULE = False``: always the whole history)."""
+        out = self._split(key, t0, t1) if _SPLIT_SCHEDULE else None
+        if out is None:
+            doses = self(key)
+            out = self.eng.schedule(None, t0, t1, doses=doses)
+            self.end[key] = self._end_state(doses)
+        return out
+
+    def _pk(self, d):
+        return self.eng.model.drug_pk[d][0]
+
+    def _consts(self, d):
+        c = self.consts.get(d)
+        if c is None:
+            c = self.consts[d] = _pk_consts(self._pk(d))
+        return c
+
+    def _end_state(self, doses):
+        """drug -> (time of the last PK event, {modes, depot, rate} just after it) of the dose tables."""
+        from twin.compiled import _scan
+        from twin.pk import pk_scan
+
+        out = {}
+        for d, tab in doses.items():
+            if len(tab):
+                sc = _scan(self._pk(d), tab, pk_scan)
+                e = float(sc.events[-1])
+                out[d] = (e, _pk_state(sc.state_at(np.array([e]))))
+        return out
+
+    def _split(self, key, t0, t1):
+        from twin.compiled import _scan
+        from twin.pk import pk_scan
+
+        link = getattr(self.ctl, "chunks", {}).get(key)
+        if link is None or link[0] not in self.end:
+            return None
+        parent, ev = link
+        pend = self.end[parent]
+        chunk = {} if ev is None else self.chunk(ev)
+        if any(e > t0 + 1e-12 for e, _ in pend.values()):
+            return None
+        scans = {d: _scan(self._pk(d), tab, pk_scan) for d, tab in chunk.items() if len(tab)}
+        for d, sc in scans.items():
+            if d in pend and sc.events[0] < pend[d][0]:
+                return None
+        eng = self.eng
+        t_end = t1 if t1 > t0 else t0 + 1.0
+        evs = [t0, t_end]
+        for sc in scans.values():
+            e = sc.events
+            evs.extend(e[(e > t0) & (e < t_end)].tolist())
+        b = np.unique(np.asarray(evs, dtype=np.float64))
+        starts = b[:-1]
+        w = np.zeros((len(starts), eng.ct.n_w))
+        end = {}
+        for j, d in enumerate(eng.model.drugs):
+            if d not in scans and d not in pend:
+                continue
+            off, c, _ = eng.ct.layout[j]
+            k = c["k"]
+            st = _pk_zero(k, len(starts))
+            e_new = -np.inf
+            if d in pend:
+                e_new = pend[d][0]
+                st = _pk_add(st, _pk_propagate(self._consts(d), pend[d][1], starts - pend[d][0]))
+            if d in scans:
+                st = _pk_add(st, _pk_state(scans[d].state_at(starts)))
+                e_new = max(e_new, float(scans[d].events[-1]))
+            for i in range(k):
+                w[:, off + i] = st["modes"][i]
+            if st["depot"] is not None:
+                w[:, off + k] = st["depot"]
+            if st["rate"] is not None:
+                w[:, off + k + 1] = st["rate"]
+            at = np.array([e_new])
+            es = _pk_zero(k, 1)
+            if d in pend:
+                es = _pk_add(es, _pk_propagate(self._consts(d), pend[d][1], at - pend[d][0]))
+            if d in scans:
+                es = _pk_add(es, _pk_state(scans[d].state_at(at)))
+            end[d] = (e_new, es)
+        self.end[key] = end
+        return b, w
+
+
+#: :meth:`_HistoryDoses.schedule`: a policy arm's history scheduled from its parent's PK state
+#: plus the interval's doses (False: scan the whole history at every visit; same up to rounding)
+_SPLIT_SCHEDULE = True
+
+
+def _pk_state(st) -> dict:
+    """The ``modes``, ``depot`` and ``rate`` of :meth:`twin.pk.PKScan.state_at` (arrays)."""
+    return {"modes": [np.asarray(m, float) for m in st["modes"]],
+            "depot": None if st["depot"] is None else np.asarray(st["depot"], float),
+            "rate": None if st["rate"] is None else np.asarray(st["rate"], float)}
+
+
+def _pk_zero(k, n) -> dict:
+    return {"modes": [np.zeros(n) for _ in range(k)], "depot": None, "rate": None}
+
+
+def _pk_add(a, b) -> dict:
+    def add(x, y):
+        return y if x is None else x if y is None else x + y
+
+    return {"modes": [x + y for x, y in zip(a["modes"], b["modes"])], "depot": add(a["depot"], b["depot"]), "rate": add(a["rate"], b["rate"])}
+
+
+def _pk_consts(params) -> tuple:
+    """``(ns, [(c_i, l_i)], ka)`` of a drug's PK parameters (floats; ka None without a depot)."""
+    from twin.pk import _disposition, _namespace
+
+    ns = _namespace(*params._values())
+    terms = [(float(np.asarray(c).reshape(-1)[0]), float(np.asarray(lam).reshape(-1)[0])) for c, lam in _disposition(ns, params)]
+    ka = None if params.ka is None else float(np.asarray(params.ka).reshape(-1)[0])
+    return ns, terms, ka
+
+
+def _pk_propagate(consts, st, dt) -> dict:
+    """The PK state ``st`` (just after a drug's last dose event) ``dt`` days later, in closed
+    form as :meth:`twin.pk.PKScan.state_at` propagates from an event: modes
+    ``m e^{-l dt} + depot ka c phi(l, ka, dt) + rate c h(l, dt)``, depot ``a e^{-ka dt}``,
+    rate unchanged. ``consts``: :func:`_pk_consts`."""
+    from twin.pk import _h, _phi
+
+    ns, terms, ka = consts
+    dt = np.asarray(dt, float)
+    a, r = st["depot"], st["rate"]
+    modes = []
+    for (c, lam), m in zip(terms, st["modes"]):
+        v = m * np.exp(-lam * dt)
+        if a is not None:
+            v = v + a * ka * c * np.asarray(_phi(ns, np.float64(lam), np.float64(ka), dt), float)
+        if r is not None:
+            v = v + r * c * np.asarray(_h(ns, np.float64(lam), dt), float)
+        modes.append(v)
+    return {"modes": modes, "depot": None if a is None else a * np.exp(-ka * dt), "rate": r}
 
 
 def _fill(arrays, i, model, block, members, idx_t):
@@ -1049,8 +1242,12 @@ def _run_visits_compiled(i, arm, ctl, model, params, n, times, visits, H, drugs,
         schedules, events = [], []
         for key in keys:
             events.append(ctl.events(key))
-            schedules.append(eng.schedule(None, seg_times[0], seg_times[-1], doses=hist_doses(key)))
+            schedules.append(hist_doses.schedule(key, seg_times[0], seg_times[-1]))
         hist_doses.keep(keys)
+        key_arrays = getattr(ctl, "arrays", None)
+        ev_arrays = [None if key_arrays is None else key_arrays(key) for key in keys]
+        if key_arrays is not None:
+            ctl.keep_arrays(keys)
         block, st, h_carry = eng.integrate(rows, y, h_carry, member_sched, schedules, seg_times)
         _fill(arrays, i, model, block, rows, idx_t)
         status[i] = np.maximum(status[i], st)
@@ -1058,7 +1255,7 @@ def _run_visits_compiled(i, arm, ctl, model, params, n, times, visits, H, drugs,
             states_all[:, idx_t] = block
         for g, ev in enumerate(events):
             m = np.nonzero(member_sched == g)[0]
-            cum[i][np.ix_(m, idx_t)] = _cumulative_dose(ev, drugs, seg_times)[None, :, :]
+            cum[i][np.ix_(m, idx_t)] = _cumulative_dose(ev, drugs, seg_times, arrays=ev_arrays[g])[None, :, :]
         y = block[:, -1, :].copy()
         # the state in force over [t0, t1): set the interval's grid points (t1 gets the next decision)
         last = k == n_seg - 1

@@ -222,3 +222,60 @@ def test_history_dose_tables_extend_the_parent(adt):
             np.testing.assert_array_equal(getattr(merged[d], a), getattr(full[d], a))
     # a chunk that does not start after its parent is not merged
     assert R._merge_doses(full, eng.doses(R._regimen_from_events(chunks[0]))) is None
+
+
+@pytest.fixture(scope="module")
+def reduced_adt():
+    """The ADT library scenario on prior draws of the calibration model (``default_model``:
+    the reduced twin of decision D12, effect compartments; what ``twin calibrate`` writes)."""
+    import twin
+    from calibration.calibrate import default_model
+
+    sc = Scenario.from_toml(library_path("adt_continuous_vs_intermittent_vs_adaptive"))
+    patient = twin.datasets.load_patient_example()
+    tw = R.prior_twin(patient, default_model(patient).with_drugs(R.scenario_drugs(sc)), 16, seed=3)
+    return tw, sc
+
+
+def test_split_schedule_equals_the_whole_history(reduced_adt, monkeypatch):
+    """A policy arm's history scheduled from its parent's propagated PK state plus the
+    interval's doses (``_SPLIT_SCHEDULE``) has the boundaries of the whole history's scan and
+    its PK states to rounding; the arm's results equal the whole-history run (no carry) to
+    1e-9, with the same decisions. The arrays of each history's dose events, built parent +
+    interval, equal those of its events table."""
+    tw, sc = reduced_adt
+    checked = {"split": 0, "arrays": 0}
+    orig_split, orig_keep = R._HistoryDoses._split, R._PolicyArm.keep_arrays
+
+    def split(self, key, t0, t1):
+        out = orig_split(self, key, t0, t1)
+        if out is not None:
+            b, w = out
+            b2, w2 = self.eng.schedule(None, t0, t1, doses=self(key))
+            np.testing.assert_array_equal(b, b2)
+            np.testing.assert_allclose(w, w2, rtol=1e-13, atol=1e-300)
+            checked["split"] += 1
+        return out
+
+    def keep_arrays(self, keys):
+        for key in keys:
+            mine, ref = self.arrays(key), R._event_arrays(self.events(key))
+            assert (mine is None) == (ref is None)
+            if ref is not None:
+                for x, y in zip(mine, ref):
+                    np.testing.assert_array_equal(x, y)
+                checked["arrays"] += 1
+        return orig_keep(self, keys)
+
+    monkeypatch.setattr(R._HistoryDoses, "_split", split)
+    monkeypatch.setattr(R._PolicyArm, "keep_arrays", keep_arrays)
+    monkeypatch.setattr(R, "_SPLIT_SCHEDULE", True)
+    new, calls = _run(monkeypatch, tw, sc, "compiled", False, horizon=336)
+    assert checked["split"] > 20 and checked["arrays"] > 20
+    assert max(_histories_per_visit(calls, "adaptive")) >= 2, "the adaptive arm's draws should diverge"
+    monkeypatch.setattr(R, "_SPLIT_SCHEDULE", False)
+    ref, _ = _run(monkeypatch, tw, sc, "compiled", False, horizon=336)
+    assert (ref["status"].values == 0).all()
+    _compare(ref, new, rtol=1e-9)
+    for v in ("dose_factor", "on_treatment", "cumulative_dose", "treatment_line"):
+        np.testing.assert_array_equal(new[v].values, ref[v].values, err_msg=v)
