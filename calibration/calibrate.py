@@ -390,7 +390,7 @@ def _laplace(bm: BuiltModel, *, draws, chains, seed, progress, n_starts: int = 4
         H[:, i] = (negative(xm + e)[1] - negative(xm - e)[1]) / (2 * h)  # Hessian of -logp
     H = 0.5 * (H + H.T)
     evals, evecs = np.linalg.eigh(H)
-    info = {"map_logp": float(-res.fun), "map_converged": bool(res.success), "map_message": str(res.message), "map_evaluations": int(nfev[0]),
+    info = {"map_logp": float(-res.fun), "map_starts": len(starts), "map_converged": bool(res.success), "map_message": str(res.message), "map_evaluations": int(nfev[0]),
             "laplace_min_eigenvalue": float(evals.min()), "laplace_clipped": int((evals <= 1e-8).sum())}
     evals = np.where(evals > 1e-8, evals, 1.0)  # flat/negative directions: unit scale (and flagged)
     cov = (evecs / evals) @ evecs.T
@@ -541,7 +541,7 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
               seed: int = 0, free: Sequence[str] | None = None, fixed: Mapping[str, float] | None = None,
               priors: Mapping[str, tuple] | None = None, arms: Sequence[str] | None = None,
               observables: Sequence[str] | None = None, target_accept: float = 0.9, advi_iterations: int = 20000,
-              rtol: float = 1e-6, atol: float = 1e-9, progress: bool = True):
+              rtol: float = 1e-6, atol: float = 1e-9, progress: bool = True, map_starts: int = 4):
     """Calibrate a twin of ``patient``: the posterior of ``model``'s parameters given the
     patient's measurements and dosing history.
 
@@ -557,6 +557,8 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
         ``name -> (dist, params)``.
     arms, observables : restrict the data used (default: all the model can predict).
     rtol, atol : solver tolerances (states and sensitivities).
+    map_starts : ``method="map"``: L-BFGS starts (the prior medians, then random perturbations
+        of them in the unconstrained space); the best optimum wins.
 
     Returns
     -------
@@ -582,7 +584,7 @@ def calibrate(patient, model=None, *, method: str = "nuts", draws: int = 1000, c
     elif method == "advi":
         idata, extra = _advi(bm, draws=int(draws), chains=int(chains), seed=int(seed), progress=progress, n_iter=int(advi_iterations))
     else:
-        idata, extra = _laplace(bm, draws=int(draws), chains=int(chains), seed=int(seed), progress=progress)
+        idata, extra = _laplace(bm, draws=int(draws), chains=int(chains), seed=int(seed), progress=progress, n_starts=int(map_starts))
     t_sample = time.perf_counter() - t_start - t_build
     idata_out, cov, sel, failures = twin_idata(bm, idata, seed=int(seed) + 1)
     extra.update({"wall_s": round(time.perf_counter() - t_start, 3), "build_s": round(t_build, 3), "sampling_s": round(t_sample, 3),

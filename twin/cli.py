@@ -66,7 +66,7 @@ def _cmd_demo(args) -> int:
     print(patient_summary(patient))
     print(f"\n2. Calibrating the twin (MAP + Laplace approximation, {args.draws} draws; `twin calibrate --method nuts` is the reference)\n", flush=True)
     t0 = time.perf_counter()
-    twin = calibrate(patient, method="map", draws=args.draws, chains=1, seed=args.seed, progress=False)
+    twin = calibrate(patient, method="map", draws=args.draws, chains=1, seed=args.seed, progress=False, map_starts=args.map_starts)
     twin_path = twin.save(out / f"{patient.id}.twin.nc")
     print(calibration_text(twin))
     print(f"   twin file: {twin_path} ({time.perf_counter() - t0:.1f} s)")
@@ -226,7 +226,7 @@ def _cmd_calibrate(args) -> int:
         raise InputError(f"-o {args.output}: the twin file must end in .nc (e.g. {patient.id}.twin.nc)")
     print(f"twin calibrate: patient {patient.id}, method {args.method}, {args.chains} chain(s) x {args.draws} draws, seed {args.seed}", flush=True)
     twin = calibrate(patient, method=args.method, draws=args.draws, chains=args.chains, tune=args.tune, seed=args.seed,
-                     progress=not args.quiet and sys.stderr.isatty())
+                     progress=not args.quiet and sys.stderr.isatty(), map_starts=args.map_starts)
     path = twin.save(out)
     print_calibration(twin)
     print(f"wrote {path}")
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="demo-output", help="folder for the demo's outputs (default: demo-output)")
     d.add_argument("--seed", type=int, default=2026, help="random seed (default 2026)")
     d.add_argument("--draws", type=int, default=20, help="posterior draws of the twin to simulate (default 20)")
+    d.add_argument("--map-starts", type=int, default=1, help="L-BFGS starts of the MAP search (default 1: from the prior medians)")
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("simulate", help="simulate the arms of a scenario file for a patient's twin across its draws")
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--chains", type=int, default=4, help="chains (default 4)")
     k.add_argument("--tune", type=int, default=None, help="NUTS warm-up iterations per chain (default: = draws)")
     k.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    k.add_argument("--map-starts", type=int, default=4, help="--method map: L-BFGS starts, the best optimum wins (default 4)")
     k.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     k.set_defaults(func=_cmd_calibrate)
 
