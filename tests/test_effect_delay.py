@@ -37,7 +37,7 @@ def test_states_parameters_and_spec():
     assert "ke_on" not in _model(False).parameter_names
     again = TwinModel.from_spec(m.spec())
     assert again.effect_delay and again.state_names == m.state_names
-    assert m.with_drugs(["enzalutamide"]).effect_delay == ("leuprolide", "cyproterone_acetate")
+    assert m.with_drugs(["enzalutamide"]).effect_delay == ("leuprolide", "cyproterone_acetate", "enzalutamide")
     sub = _model(["LEUPROLIDE"])  # a subset: only leuprolide is delayed
     assert sub.effect_delay == ("leuprolide",) and sub.state_names[2] == "E_leuprolide" and len(sub.state_names) == 4
     from twin.errors import InputError
@@ -103,3 +103,18 @@ def test_compiled_and_torch_backends_agree_with_effect_compartments(monkeypatch)
     for s in m.state_names:
         a, b = out["numba"][s].values, out["torch"][s].values
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10 * max(np.abs(b).max(), 1e-300))
+
+
+def test_with_drugs_extends_what_applied_to_every_drug():
+    """A model whose every drug was delayed and blunted by the resistant clone (a Shaw patient's
+    generic androgen deprivation) gets the scenario's new drugs delayed and blunted too."""
+    from twin.graph import load_pathway
+
+    m = TwinModel.from_graph(load_pathway("androgen_receptor"), drugs=["androgen_deprivation"], mechanisms=[("resistant", ["androgen_deprivation"])],
+                             pathway=False, effect_delay=True)
+    w = m.with_drugs(DRUGS)
+    assert w.effect_delay == ("androgen_deprivation", *DRUGS)
+    assert set(w.mechanisms[0].drugs) == {"androgen_deprivation", *DRUGS}
+    assert set(m.parameter_names) == set(w.parameter_names)
+    part = _model(["leuprolide"]).with_drugs(["enzalutamide"])  # only some drugs delayed: the new one is not
+    assert part.effect_delay == ("leuprolide",)

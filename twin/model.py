@@ -299,13 +299,22 @@ class TwinModel:
 
     def with_drugs(self, drugs) -> "TwinModel":
         """This model plus ``drugs`` (catalogue names; same graph, growth, mechanisms and
-        residual). Returns ``self`` when every drug is already known."""
+        residual). Returns ``self`` when every drug is already known. What applied to *every*
+        drug of this model applies to the new ones too: effect compartments when all drugs had
+        one, and a resistance mechanism that blunted all drugs blunts the new ones (parameters
+        keep their names, so posterior draws carry over)."""
+        import dataclasses
+
         extra = [str(d).lower() for d in drugs if str(d).lower() not in self.drugs]
         if not extra:
             return self
-        new = TwinModel.from_graph(self.graph, drugs=list(self.drugs) + extra, mechanisms=self.mechanisms, growth=self.growth,
+        everything = set(self.drugs)
+        delayed = list(self.effect_delay) + (extra if self.drugs and set(self.effect_delay) == everything else [])
+        mechs = [dataclasses.replace(m, drugs=tuple(m.drugs) + tuple(extra)) if self.drugs and {d.lower() for d in m.drugs} >= everything else m
+                 for m in self.mechanisms]
+        new = TwinModel.from_graph(self.graph, drugs=list(self.drugs) + extra, mechanisms=mechs, growth=self.growth,
                                    persisters=self.persisters, pathway=self.pathway, drug_params=self.drug_pk,
-                                   effect_delay=self.effect_delay)
+                                   effect_delay=delayed)
         return new.with_residual(self.residual) if self.residual is not None else new
 
     def without_residual(self) -> "TwinModel":
