@@ -202,6 +202,7 @@ def _codegen(inputs, outputs, fname: str):
     names = {v: name for v, name in inputs}
     env = {}
     lines = []
+    seen: dict[str, str] = {}
     counter = itertools.count()
 
     def ref(v):
@@ -226,7 +227,10 @@ def _codegen(inputs, outputs, fname: str):
             scalar_node = op.scalar_op.make_node(*[get_scalar_type(dtype=i.dtype)() for i in node.inputs])
             env[f"_op{k}"] = numba_funcify(op.scalar_op, node=scalar_node)
             expr = f"_op{k}({', '.join(args)})"
-        names[node.outputs[0]] = f"v{k}"
+        if expr in seen:  # common subexpression (every expression is pure): computed once
+            names[node.outputs[0]] = seen[expr]
+            continue
+        names[node.outputs[0]] = seen[expr] = f"v{k}"
         lines.append(f"    v{k} = {expr}")
     for (_, target), o in zip(outputs, fg.outputs):
         lines.append(f"    {target} = {ref(o)}")

@@ -279,3 +279,43 @@ def test_split_schedule_equals_the_whole_history(reduced_adt, monkeypatch):
     _compare(ref, new, rtol=1e-9)
     for v in ("dose_factor", "on_treatment", "cumulative_dose", "treatment_line"):
         np.testing.assert_array_equal(new[v].values, ref[v].values, err_msg=v)
+
+
+# -- generated source ------------------------------------------------------------------------
+def test_tape_eliminates_common_subexpressions_and_exact_identities():
+    """The tracer emits each distinct expression once (``exp(-k s)`` shared by several PK terms
+    is computed once) and drops the exact IEEE identities x*1, x+0, x-0, x/1, but not 0-x."""
+    from twin._codegen import SourceXP, trace
+
+    tape, a = trace({"y": 2})
+    xp, y = SourceXP(tape), a["y"]
+    e1, e2 = xp.exp(-2.0 * y[0]), xp.exp(-2.0 * y[0])
+    assert e1 is e2 and len(tape.lines) == 2  # "-2.0 * y[0]" and "math.exp(v0)"
+    assert (y[1] * 1.0) is y[1] and (1.0 * y[1]) is y[1] and (y[1] + 0.0) is y[1] and (0.0 + y[1]) is y[1]
+    assert (y[1] - 0.0) is y[1] and (y[1] / 1.0) is y[1]
+    assert (0.0 - y[1]) is not y[1] and (1.0 / y[1]) is not y[1]
+
+
+def test_compiled_vector_field_has_no_repeated_expression(kernel):
+    """Every right-hand side of the generated vector field is distinct (no exp computed twice)."""
+    _, ct, _, _, _ = kernel
+    src = ct.source.split("def rhs_only", 1)[1].split("\n\n", 1)[0]
+    exprs = [ln.split(" = ", 1)[1] for ln in src.splitlines() if ln.strip().startswith("v") and " = " in ln]
+    assert exprs and len(exprs) == len(set(exprs))
+
+
+def test_hill_one_inhibition_equals_the_log_sigmoid_form():
+    """``pk_inputs`` writes a Hill coefficient of 1 as C / (IC50 + C): equal to
+    :func:`twin.pk.hill_inhibition` (the log-sigmoid form) to rounding, 0 at C = 0."""
+    from twin._xp import NUMPY
+    from twin.compiled import pk_inputs
+    from twin.pk import hill_inhibition
+
+    c = {"k": 1, "rates": [0.3], "coef": [1.0], "ka": None}
+    layout = [(0, c, (2.5, 1.0, 0.8))]
+    conc = np.concatenate([[0.0, 1e-300, 1e-200], np.logspace(-12, 12, 200)])
+    w = [conc, np.zeros_like(conc), np.zeros_like(conc)]
+    got = pk_inputs(layout)(np.zeros_like(conc), w, NUMPY)[0]
+    want = hill_inhibition(conc, 2.5, 1.0, 0.8)
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-300)
+    assert got[0] == 0.0 and got[-1] == pytest.approx(0.8, rel=1e-11)

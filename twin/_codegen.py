@@ -363,11 +363,19 @@ class _Tape:
     def __init__(self):
         self.lines: list[str] = []
         self.counter = itertools.count()
+        self.seen: dict[str, Sym] = {}
 
     def emit(self, expr: str) -> "Sym":
+        """A symbol for ``expr``; an expression already on the tape returns its symbol (common
+        subexpression elimination: every traced expression is pure, so e.g. the
+        ``exp(-k s)`` that several PK terms share is computed once per call)."""
+        hit = self.seen.get(expr)
+        if hit is not None:
+            return hit
         name = f"v{next(self.counter)}"
         self.lines.append(f"    {name} = {expr}")
-        return Sym(name, self)
+        sym = self.seen[expr] = Sym(name, self)
+        return sym
 
 
 def _src(x) -> str:
@@ -392,6 +400,11 @@ class Sym:
         self.name, self.tape = name, tape
 
     def _bin(self, op, other, rev=False):
+        if not isinstance(other, Sym) and not isinstance(other, (bool, np.bool_)):
+            # exact identities (IEEE): x * 1 = x, x + 0 = x, x - 0 = x, x / 1 = x
+            o = float(other)
+            if (op == "*" and o == 1.0) or (op == "+" and o == 0.0) or (op in ("-", "/") and not rev and o == (0.0 if op == "-" else 1.0)):
+                return self
         a, b = (_src(other), self.name) if rev else (self.name, _src(other))
         return self.tape.emit(f"{a} {op} {b}")
 

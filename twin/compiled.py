@@ -78,6 +78,9 @@ def pk_inputs(layout):
                 term = term + w[off + k + 1] * c["coef"][i] * _h_const(xp, c["rates"][i], s)
                 conc = conc + term
             pos = conc > 1e-300
+            if hill == 1.0:  # C / (IC50 + C): the same value, without a log, an exp and a branch
+                out.append(xp.where(pos, imax * (conc / (conc + ic50)), 0.0 * conc))
+                continue
             z = hill * (xp.log(xp.maximum(conc, 1e-300)) - math.log(ic50))
             out.append(xp.where(pos, imax * xp.sigmoid(z), 0.0 * conc))
         return out
