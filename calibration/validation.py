@@ -14,6 +14,11 @@ Two held-out designs, both fixed before any result was looked at (``docs/validat
   the others and predicts the held-out arm's volume curve and mRECIST class. Baselines: the
   drug's population mean curve and the PDX's own untreated curve shifted by the drug's mean effect.
 
+* **PDXE combination arms** (kind ``pdxe_combo``, :mod:`calibration.validation_combo`): one twin per
+  PDX calibrated on untreated + the component single-agent arms forecasts every combination arm
+  (the held-arm code of :func:`pdxe_split`, :func:`_pdx_held_arm`), against the same two baselines
+  and a Bliss / response-additivity baseline from the PDX's own monotherapy curves.
+
 * **Twin + neural residual** (prostate, ``run_validation(residual=True)``): a cohort residual
   trained only on PSA up to the end of cycle 1 (no forecast window; :func:`train_bruchovsky_residual`),
   then each split re-calibrated with the residual held fixed (:func:`bruchovsky_residual_split`).
@@ -992,15 +997,56 @@ def pdxe_split(pid: str, held: str, arms: Sequence[str], *, seed: int = 0, n_dra
     the held-out arm's volume from its first observed volume. Returns row / points / curve."""
     _quiet()
     from twin.datasets import load_pdxe
-    from twin.observation import CELL_VOLUME_MM3
-    from twin.regimen import Regimen
 
     from .calibrate import calibrate, default_model
 
-    t_start = time.perf_counter()
     p = load_pdxe()[pid]
     arms = list(arms)
     train_arms = [a for a in arms if a != held]
+
+    def twin(row):
+        model = default_model(p, arms=arms)
+        t_cal = time.perf_counter()
+        tw = calibrate(p, model, method=SETTINGS["method"], draws=n_draws, chains=1, seed=seed, progress=False,
+                       arms=train_arms, observables=["tumor_volume"])
+        row["calibrate_s"] = round(time.perf_counter() - t_cal, 2)
+        row.update(_pdx_twin_diagnostics(tw, train_arms))
+        return tw
+
+    return _pdx_held_arm(p, held, train_arms, twin, seed=seed, n_draws=n_draws, keep_curve=keep_curve)
+
+
+def _pdx_twin_diagnostics(tw, train_arms) -> dict:
+    """The row entries of a calibrated PDX twin (in-sample coverage, diagnostics, dropped arms)."""
+    d = tw.diagnostics
+    return {"twin_fit_cov90": d.get("ppc_coverage90"), "twin_diag_passed": bool(d.get("passed")),
+            "twin_diag_messages": " | ".join(d.get("messages", [])),
+            "twin_dropped_arms": "|".join(a for a in train_arms if a not in set(tw.idata.posterior.coords["arm"].values.tolist()))
+            if "arm" in tw.idata.posterior.coords else ""}
+
+
+def _pdx_baseline_sd(sd, dd):
+    """The per-day predictive SD of a PDX baseline on day indices ``dd`` (0.5 where undefined, ~0 on day 0)."""
+    s = np.where(np.isfinite(sd[dd]) & (sd[dd] > 0), sd[dd], 0.5)
+    s[0] = 1e-6
+    return s
+
+
+def _pdx_held_arm(p, held: str, train_arms: Sequence[str], twin, *, seed: int = 0, n_draws: int = 200, keep_curve: bool = True,
+                  extra_baselines=None) -> dict:
+    """Forecast arm ``held`` of PDX ``p`` from its first observed volume and score it: the twin
+    ``twin(row)`` returns (a callable that calibrates or hands over a calibrated twin and writes its
+    row entries; it may raise: the row then says ``twin_failed``), and the baselines "pop" (the
+    treatment's population mean curve over the other PDXs) and "untr" (the PDX's own untreated curve
+    plus the treatment's mean effect in the other PDXs). ``extra_baselines(ctx)``: more baselines,
+    ``{name: (n_draws, n_times) sample}``, given ``ctx`` (times, volumes, days, rng, n_draws and the
+    "untr" baseline's per-day SD ``untr_sd`` (None without it)). The metrics: median |log error|,
+    coverage, CRPS, mRECIST class per method. Returns row / curve / obs (``pdxe_split``'s result)."""
+    from twin.observation import CELL_VOLUME_MM3
+    from twin.regimen import Regimen
+
+    t_start = time.perf_counter()
+    pid = p.id
     t, v = _vol_curve(p, held)
     hist = p.history.table
     reg = Regimen(hist[hist["arm"] == held].assign(arm="main"))
@@ -1019,16 +1065,7 @@ def pdxe_split(pid: str, held: str, arms: Sequence[str], *, seed: int = 0, n_dra
     curve = {}
     # ---------------- twin
     try:
-        model = default_model(p, arms=arms)
-        t_cal = time.perf_counter()
-        tw = calibrate(p, model, method=SETTINGS["method"], draws=n_draws, chains=1, seed=seed, progress=False,
-                       arms=train_arms, observables=["tumor_volume"])
-        row["calibrate_s"] = round(time.perf_counter() - t_cal, 2)
-        d = tw.diagnostics
-        row["twin_fit_cov90"] = d.get("ppc_coverage90")
-        row["twin_diag_passed"] = bool(d.get("passed"))
-        row["twin_diag_messages"] = " | ".join(d.get("messages", []))
-        row["twin_dropped_arms"] = "|".join(a for a in train_arms if a not in set(tw.idata.posterior.coords["arm"].values.tolist())) if "arm" in tw.idata.posterior.coords else ""
+        tw = twin(row)
         if not v[0] > 0:
             raise ValueError("held-out arm's first volume is 0")
         grid = np.unique(np.concatenate([t, np.linspace(t[0], t[-1], 60)]))
@@ -1049,12 +1086,12 @@ def pdxe_split(pid: str, held: str, arms: Sequence[str], *, seed: int = 0, n_dra
         row["error"] = f"{type(e).__name__}: {e}"[:500]
     # ---------------- baselines
     pop = _population_curves()
+    untr_sd = None
     if v[0] > 0:
         mu, sd = _pop_mean(pop.get(held, {}), pid)
         if mu is not None:
             dd = np.clip(np.round(days).astype(int), 0, len(_DAYS) - 1)
-            s = np.where(np.isfinite(sd[dd]) & (sd[dd] > 0), sd[dd], 0.5)
-            s[0] = 1e-6
+            s = _pdx_baseline_sd(sd, dd)
             preds["pop"] = v[0] * np.exp(mu[dd][None, :] + s[None, :] * rng.standard_normal((n_draws, len(t))))
             row["n_pop_curves"] = int(len(pop.get(held, {})) - (pid in pop.get(held, {})))
         tu, vu = _vol_curve(p, "untreated")
@@ -1068,9 +1105,11 @@ def pdxe_split(pid: str, held: str, arms: Sequence[str], *, seed: int = 0, n_dra
             if dmu is not None:
                 own = _extrapolate_log(tu, vu, days)
                 dd = np.clip(np.round(days).astype(int), 0, len(_DAYS) - 1)
-                s = np.where(np.isfinite(dsd[dd]) & (dsd[dd] > 0), dsd[dd], 0.5)
-                s[0] = 1e-6
+                s = _pdx_baseline_sd(dsd, dd)
+                untr_sd = s
                 preds["untr"] = v[0] * np.exp((own + dmu[dd])[None, :] + s[None, :] * rng.standard_normal((n_draws, len(t))))
+        if extra_baselines is not None:
+            preds.update(extra_baselines({"t": t, "v": v, "days": days, "rng": rng, "n_draws": n_draws, "untr_sd": untr_sd, "row": row}))
     for name, S in preds.items():
         med = np.median(S, 0)
         if name != "twin":
@@ -1098,11 +1137,14 @@ def _task_name(kind, key):
         return f"{key[0]}_k{key[1]}"
     if kind == "bruchovsky_twin":
         return str(key[0])
+    if kind == "pdxe_combo":
+        return str(key[0]).replace("/", "_")
     return f"{key[0]}__{key[1]}".replace("/", "_")
 
 
 #: where each kind of task writes its result file under ``_work``
-_KIND_DIR = {"bruchovsky": "bruchovsky", "pdxe": "pdxe", "bruchovsky_twin": "bruchovsky_twins", "bruchovsky_res": "bruchovsky_residual/splits"}
+_KIND_DIR = {"bruchovsky": "bruchovsky", "pdxe": "pdxe", "bruchovsky_twin": "bruchovsky_twins", "bruchovsky_res": "bruchovsky_residual/splits",
+             "pdxe_combo": "pdxe_combo"}
 
 
 def _result_path(work: Path, kind: str, key) -> Path:
@@ -1119,7 +1161,9 @@ def model_fingerprint(kind: str, key) -> str:
     """A short hash of everything a split's twin depends on besides the data: the model
     ``default_model`` builds for it (its specification, parameters, defaults, the priors for the
     patient, states) and ``SETTINGS``. A finished split whose fingerprint differs from the current
-    one is run again (e.g. after a change of the model), so a resumed run never mixes models."""
+    one is run again (e.g. after a change of the model), so a resumed run never mixes models.
+    ``pdxe_combo`` (key: pdx id, training arms, combination arms): the model on all those arms, and
+    ``COMBO_SETTINGS`` too (the other kinds' fingerprints do not depend on it)."""
     import hashlib
 
     from .calibrate import default_model
@@ -1131,9 +1175,13 @@ def model_fingerprint(kind: str, key) -> str:
         from twin.datasets import load_pdxe
 
         p = load_pdxe()[key[0]]
-        m = default_model(p, arms=list(key[2]))
+        m = default_model(p, arms=list(key[1]) + list(key[2]) if kind == "pdxe_combo" else list(key[2]))
     doc = {"spec": m.spec(), "parameters": list(m.parameter_names), "defaults": m.default_values(), "priors": m.priors_for(p),
            "states": list(m.state_names), "settings": SETTINGS, "map_options": _map_options()}
+    if kind == "pdxe_combo":
+        from .validation_combo import COMBO_SETTINGS
+
+        doc["combo_settings"] = COMBO_SETTINGS
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -1159,9 +1207,13 @@ def _run_task(kind: str, key: tuple, seed: int, n_draws: int, work=None) -> dict
             return cycle1_twin(key[0], _twin_dir(work) / f"{key[0]}.twin.nc", seed=seed, n_draws=n_draws)
         if kind == "bruchovsky_res":
             return bruchovsky_residual_split(key[0], key[1], _residual_dir(work), seed=seed, n_draws=n_draws)
+        if kind == "pdxe_combo":
+            from .validation_combo import pdxe_combo_split
+
+            return pdxe_combo_split(key[0], key[1], key[2], seed=seed, n_draws=n_draws)
         return pdxe_split(key[0], key[1], key[2], seed=seed, n_draws=n_draws)
     except Exception as e:  # never lose a task: a failure row
-        row = {"patient" if kind != "pdxe" else "pdx": key[0], "status": "failed", "error": f"{type(e).__name__}: {e}"[:500],
+        row = {"patient" if kind not in ("pdxe", "pdxe_combo") else "pdx": key[0], "status": "failed", "error": f"{type(e).__name__}: {e}"[:500],
                "traceback": traceback.format_exc()[-2000:]}
         if kind in ("bruchovsky", "bruchovsky_res"):
             row["cycle"] = key[1]
@@ -1169,6 +1221,8 @@ def _run_task(kind: str, key: tuple, seed: int, n_draws: int, work=None) -> dict
             row.update(twinres_status="failed", twinres_error=row["error"])
         if kind == "pdxe":
             row["held_out"] = key[1]
+        if kind == "pdxe_combo":
+            row["combos"] = "|".join(key[2])
         return {"row": row, "points": [], "curve": {}}
 
 
@@ -1259,14 +1313,17 @@ def _residual_task_done(work: Path, key, man: dict) -> bool:
     return r.get("residual_sha256") == want  # finished (also a failed twin) with the current residual
 
 
-def run_validation(outdir="docs/validation", *, datasets=("bruchovsky", "pdxe"), quick=False, n_workers=2, seed=0,
+def run_validation(outdir="docs/validation", *, datasets=("bruchovsky", "pdxe", "pdxe_combo"), quick=False, n_workers=2, seed=0,
                    max_patients=None, max_pdx=None, time_budget_s=None, n_draws=None, residual=False, residual_cycles=None,
                    residual_settings=None, page="auto", command=None, log=print) -> dict:
     """Run the held-out validation and write ``<outdir>/{bruchovsky,pdxe}.csv``, the point
     tables, the figures, ``summary.json`` and the page (``page``; see :func:`summarize`);
     return the summary dict.
 
-    quick: ``QUICK["patients"]`` prostate patients (cycle-2 split only) and ``QUICK["pdx"]`` PDXs.
+    datasets: any of "bruchovsky", "pdxe", "pdxe_combo" (PDX combination arms predicted from the
+    monotherapies, :mod:`calibration.validation_combo`; one task per PDX).
+    quick: ``QUICK["patients"]`` prostate patients (cycle-2 split only) and ``QUICK["pdx"]`` PDXs
+    (``validation_combo.COMBO_QUICK_PDX`` for the combination arms); max_pdx caps both PDX kinds.
     max_patients / max_pdx: caps. time_budget_s: stop submitting new splits after this many
     seconds (finished ones are kept; a later call resumes). Existing per-split files under
     ``<outdir>/_work`` are reused.
@@ -1305,6 +1362,10 @@ def run_validation(outdir="docs/validation", *, datasets=("bruchovsky", "pdxe"),
         bl = [t for t in tasks if t[0] == "bruchovsky" and t[1][1] > 2]
         pd_ = [t for t in tasks if t[0] == "pdxe"]
         tasks = b2 + pd_ + bl
+    if "pdxe_combo" in datasets:
+        from .validation_combo import COMBO_QUICK_PDX, pdxe_combo_tasks
+
+        tasks += [("pdxe_combo", x) for x in pdxe_combo_tasks(max_pdx if max_pdx is not None else (COMBO_QUICK_PDX if quick else None))]
     fps = {(k, key): model_fingerprint(k, key) for k, key in tasks}
     todo = [(k, key) for k, key in tasks if not _finished(work, k, key, fps)]
     n_stale = sum(_result_path(work, k, key).exists() for k, key in todo)
@@ -1421,7 +1482,7 @@ def _merge_residual(work: Path, rows, pts, only):
     return rows, pts, man
 
 
-def summarize(outdir, *, datasets=("bruchovsky", "pdxe"), only=None, log=print, page="auto") -> dict:
+def summarize(outdir, *, datasets=("bruchovsky", "pdxe", "pdxe_combo"), only=None, log=print, page="auto") -> dict:
     """Build the CSVs, figures, ``summary.json`` and the page from the per-split files.
 
     page: path of the Markdown page to write (:func:`write_page`), ``"auto"`` (default:
@@ -1593,6 +1654,14 @@ def summarize(outdir, *, datasets=("bruchovsky", "pdxe"), only=None, log=print, 
                 _figure_pdxe(outdir, res, rows)
             except Exception as e:  # pragma: no cover
                 log(f"figure pdxe failed: {e}")
+    if "pdxe_combo" in datasets:
+        from .validation_combo import combo_summary
+
+        res = [r for r in _collect(work, "pdxe_combo") if only is None or ("pdxe_combo", _task_name("pdxe_combo", (r["row"].get("pdx"),))) in only]
+        if res:
+            c = combo_summary(outdir, res, log=log)
+            if c:
+                summary["pdxe_combo"] = c
     summary["bench_line"] = bench_line(summary)
     atomic_write_text(outdir / "summary.json", json.dumps(summary, indent=2, default=float))
     log(summary["bench_line"])
@@ -1814,6 +1883,9 @@ def results_markdown(outdir="docs/validation", *, bench: bool = True) -> str:
                     lines.append(f"| {d} | {len(g)} | {g.twin_med_abslogerr.median():.3f} | {g.pop_med_abslogerr.median():.3f} | "
                                  f"{g.untr_med_abslogerr.median():.3f} | {g.twin_cov90.median():.2f} |")
                 lines.append("")
+    from .validation_combo import combo_results_markdown
+
+    lines += [combo_results_markdown(s, outdir), ""]
     if bench:
         lines.append(s["bench_line"])
     return "\n".join(lines)
@@ -2002,6 +2074,11 @@ def _run_description(summary: dict) -> str:
         lines.append(f"- PDXE: {p['n_pdx']} PDXs" + (f" of the {p['n_pdx_eligible']} eligible" if "n_pdx_eligible" in p else "")
                      + f" ({p.get('n_tissues', 0)} tissues: " + ", ".join(f"{k} {v}" for k, v in sorted(p.get("pdx_per_tissue", {}).items()))
                      + f"), {p['n_splits']} held-out arms, {p.get('n_points_common', 0)} volumes compared; the twin's calibration failed on {p['n_twin_failed']} splits.")
+    c = summary.get("pdxe_combo")
+    if c:
+        lines.append(f"- PDXE combination arms (predicted from the monotherapies): {c['n_pdx']} PDXs"
+                     + (f" of the {c['n_pdx_tasks']} eligible" if "n_pdx_tasks" in c else "")
+                     + f", {c['n_combos']} combination arms; the twin failed on {c['n_twin_failed']} arms.")
     seeds = sorted({r.get("options", {}).get("seed") for r in runs if r.get("options")})
     if seeds:
         lines.append(f"- Seed(s): {', '.join(str(x) for x in seeds)}; posterior draws per twin: "
@@ -2177,6 +2254,9 @@ def discussion_markdown(summary: dict, outdir) -> str:
                     obs = int(sub["class_obs"].isin(["PR", "CR"]).sum())
                     out.append(f"- The largest gap is {wd} (twin {g.loc[wd, 'twin_med_abslogerr']:.3f} vs {g.loc[wd, 'best']:.3f}, {g.loc[wd, 'ratio']:.1f}x): "
                                f"the twin predicts PR/CR in {shrink} of its {len(sub)} arms, PR/CR was observed in {obs}.")
+    from .validation_combo import combo_discussion_markdown
+
+    out += ["", combo_discussion_markdown(summary)]
     return "\n".join(out)
 
 
@@ -2220,7 +2300,8 @@ def page_values(outdir, page_path) -> dict:
         "mrecist_rules": rules, "fig_dir": fig_dir,
         "figures": "\n\n".join(f"![{cap}]({fig_dir}{name}.png)" for name, cap in (
             ("bruchovsky", "Bruchovsky: an example cycle-2 forecast, error by method, relapse ROC"),
-            ("pdxe", "PDXE: an example held-out arm (median-length arm), error by method")) if name in s and (outdir / f"{name}.png").exists()),
+            ("pdxe", "PDXE: an example held-out arm (median-length arm), error by method"),
+            ("pdxe_combo", "PDXE combination arms: an example (median-length arm) forecast from the monotherapies, error by method")) if name in s and (outdir / f"{name}.png").exists()),
         "run_description": _run_description(s), "model_description": model_desc, "residual_method": _residual_method(s),
         "results": results_markdown(outdir, bench=False), "timings": _timings(s), "goals_table": _goals_table(s),
         "discussion": discussion_markdown(s, outdir), "data_notes": _data_notes(s), "bench": s["bench_line"],

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     vc = sub.add_parser("validate-cohort", help="forecast held-out visits and arms of the bundled cohorts against baselines (docs/validation.md)")
     vc.add_argument("-o", "--output", default="docs/validation", help="folder for the CSVs, figures and summary.json (default docs/validation)")
-    vc.add_argument("--datasets", default="bruchovsky,pdxe", help="comma-separated: bruchovsky, pdxe")
+    vc.add_argument("--datasets", default="bruchovsky,pdxe,pdxe_combo", help="comma-separated: bruchovsky, pdxe, pdxe_combo (PDX combination arms from the monotherapies)")
     vc.add_argument("--quick", action="store_true", help="8 prostate patients and 5 PDXs")
     vc.add_argument("--workers", type=int, default=2, help="Dask workers (default 2)")
     vc.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -4,6 +4,7 @@
     .venv/bin/python docs/validation/run_validation.py --residual      # ... plus the prostate twin + neural residual (cycles 2, 3)
     .venv/bin/python docs/validation/run_validation.py --residual --residual-cycles all
     .venv/bin/python docs/validation/run_validation.py --quick --outdir /tmp/val   # a few patients and PDXs
+    .venv/bin/python docs/validation/run_validation.py --datasets pdxe_combo       # PDX combination arms from the monotherapies
     .venv/bin/python docs/validation/run_validation.py --summarize-only             # tables, figures, page only
 
 Finished splits are kept under <outdir>/_work/ (one JSON file each) and skipped by the next run;
@@ -27,7 +28,7 @@ from calibration.validation import run_validation, summarize  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--outdir", default=str(ROOT / "docs" / "validation"))
-    ap.add_argument("--datasets", default="bruchovsky,pdxe")
+    ap.add_argument("--datasets", default="bruchovsky,pdxe,pdxe_combo", help="comma-separated: bruchovsky, pdxe, pdxe_combo (PDX combination arms from the monotherapies)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
