@@ -208,17 +208,7 @@ def _sha256_file(path) -> str | None:
 def _regimen_from_events(events) -> Any:
     from twin.regimen import Regimen
 
-    if events is None or len(events) == 0:
-        return Regimen.empty()
-    ev = events.copy()
-    ev["arm"] = "main"
-    if "count" not in ev.columns and "interval" not in ev.columns:  # one row per administration
-        ev["interval"] = np.nan
-        ev["count"] = 1
-    cols = {"arm", "drug", "time", "amount", "route", "duration", "interval", "count"}
-    if cols <= set(ev.columns) and ev["count"].notna().all() and ev["drug"].map(lambda d: isinstance(d, str)).all():
-        return Regimen(ev)  # already the table's own columns (validated dose events): no re-parsing
-    return Regimen.from_records(ev.to_dict("records"))
+    return Regimen.from_events(events, arm="main")
 
 
 def _event_arrays(events):
@@ -1239,12 +1229,12 @@ def _run_visits_compiled(i, arm, ctl, model, params, n, times, visits, H, drugs,
         member_sched = np.empty(n, np.int64)
         for j in range(n):
             member_sched[j] = keys.setdefault(ctl.keys[j], len(keys))
-        schedules, events = [], []
-        for key in keys:
-            events.append(ctl.events(key))
-            schedules.append(hist_doses.schedule(key, seg_times[0], seg_times[-1]))
+        schedules = [hist_doses.schedule(key, seg_times[0], seg_times[-1]) for key in keys]
         hist_doses.keep(keys)
         key_arrays = getattr(ctl, "arrays", None)
+        # a history's dose table is only needed without its arrays (a policy arm has them: its
+        # tables, concatenations over the whole history, are then never built)
+        events = [ctl.events(key) if key_arrays is None else None for key in keys]
         ev_arrays = [None if key_arrays is None else key_arrays(key) for key in keys]
         if key_arrays is not None:
             ctl.keep_arrays(keys)

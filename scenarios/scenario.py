@@ -687,4 +687,4 @@ def policy_doses(treat: Protocol, *, anchor: float, start: float, stop: float, f
     ev = treat.expand(covariates, start=anchor, horizon=stop, arm=arm).events()
     ev = ev[ev["time"] >= start - _EPS].copy()
     ev["amount"] = ev["amount"] * float(factor)
-    return Regimen.from_records(ev.to_dict("records"))
+    return Regimen.from_events(ev)

@@ -23,6 +23,23 @@ _DTYPES = {
 }
 
 
+def _canonical(t: pd.DataFrame) -> bool:
+    """True when ``t`` has exactly ``REGIMEN_COLUMNS`` in order, their dtypes, and rows sorted
+    by (arm, time, drug): what ``Regimen`` would build from it is ``t`` itself (renumbered)."""
+    if tuple(t.columns) != REGIMEN_COLUMNS or any(str(t.dtypes.iloc[i]) != _DTYPES[c] for i, c in enumerate(REGIMEN_COLUMNS)):
+        return False
+    if len(t) < 2:
+        return True
+    a, tm, d = t["arm"].to_numpy(), t["time"].to_numpy(), t["drug"].to_numpy()
+    try:
+        lt_a, eq_a = a[:-1] < a[1:], a[:-1] == a[1:]
+        lt_d = d[:-1] <= d[1:]
+    except TypeError:  # mixed types: let the full path sort (or fail) as before
+        return False
+    lt_t, eq_t = tm[:-1] < tm[1:], tm[:-1] == tm[1:]
+    return bool(np.all(lt_a | (eq_a & (lt_t | (eq_t & lt_d)))))
+
+
 @dataclass(frozen=True, eq=False)
 class Regimen:
     """A dose history or plan (immutable; operations return new regimens).
@@ -42,8 +59,11 @@ class Regimen:
         missing = [c for c in REGIMEN_COLUMNS if c not in t.columns]
         if missing:
             raise ValueError(f"Regimen table lacks columns {missing}; expected {list(REGIMEN_COLUMNS)}")
-        t = t.loc[:, list(REGIMEN_COLUMNS)].astype(_DTYPES)
-        t = t.sort_values(["arm", "time", "drug"], kind="stable").reset_index(drop=True)
+        if _canonical(t):  # already in canonical form (e.g. a slice of a regimen): the same table, copied
+            t = t.reset_index(drop=True).copy()
+        else:
+            t = t.loc[:, list(REGIMEN_COLUMNS)].astype(_DTYPES)
+            t = t.sort_values(["arm", "time", "drug"], kind="stable").reset_index(drop=True)
         object.__setattr__(self, "table", t)
 
     # -- construction -------------------------------------------------------------------
@@ -72,6 +92,25 @@ class Regimen:
         if not rows:
             return cls.empty()
         return cls(pd.DataFrame(rows))
+
+    @classmethod
+    def from_events(cls, events: pd.DataFrame, *, arm: str | None = None) -> "Regimen":
+        """The regimen of an :meth:`events` table (one row per administration; ``arm``: put
+        every row in that arm). Cheap when the table's dtypes are canonical (the usual case: the
+        events of another regimen): no per-row parsing."""
+        if events is None or len(events) == 0:
+            return cls.empty()
+        ev = events
+        if "count" not in ev.columns and "interval" not in ev.columns:
+            ev = ev.assign(interval=np.nan, count=1)
+        if arm is not None:
+            ev = ev.assign(arm=arm)
+        if "note" not in ev.columns:
+            ev = ev.assign(note=None)
+        if (set(REGIMEN_COLUMNS) <= set(ev.columns) and ev["count"].notna().all() and ev["duration"].notna().all()
+                and ev["drug"].map(lambda d: isinstance(d, str)).all()):
+            return cls(ev.loc[:, list(REGIMEN_COLUMNS)])
+        return cls.from_records(ev.to_dict("records"))
 
     # -- views --------------------------------------------------------------------------
     def __len__(self) -> int:
