@@ -13,7 +13,7 @@ import re
 
 from .errors import InputError
 
-__all__ = ["registry", "conversion_factor", "parse_quantity", "normalise_unit_text", "UnitError"]
+__all__ = ["registry", "conversion_factor", "parse_quantity", "normalise_unit_text", "is_readable_unit", "UnitError"]
 
 
 class UnitError(InputError):
@@ -77,6 +77,15 @@ def _parse_unit(text: str):
         raise UnitError(f"cannot read unit {text!r}: {exc}") from None
 
 
+def is_readable_unit(text: str) -> bool:
+    """True when pint reads ``text`` (clinical spellings accepted) as a unit."""
+    try:
+        _parse_unit(str(text))
+        return True
+    except UnitError:
+        return False
+
+
 def conversion_factor(unit: str, canonical: str, *, molar_mass: float | None = None) -> float:
     """Factor ``f`` such that ``value [unit] * f = value [canonical]`` (cached; see ``_conversion_factor``)."""
     return _conversion_factor(str(unit), str(canonical), molar_mass)
@@ -97,6 +106,8 @@ def _conversion_factor(unit: str, canonical: str, molar_mass: float | None = Non
     UnitError
         if either unit cannot be parsed or the dimensions differ.
     """
+    if unit.strip() and normalise_unit_text(unit) == normalise_unit_text(canonical):
+        return 1.0  # the same spelling: no need to load pint's registry (~0.5 s per process)
     ureg = registry()
     src = _parse_unit(unit)
     dst = _parse_unit(canonical)

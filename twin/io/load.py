@@ -26,7 +26,7 @@ from ..errors import PatientFileError, Problem, ProblemList, close_matches
 from ..observables import OBSERVABLES, Observable, canonical_observable
 from ..patient import Cohort, Covariates, Omics, Patient
 from ..regimen import Regimen
-from ..units import UnitError, conversion_factor, normalise_unit_text, parse_quantity
+from ..units import UnitError, conversion_factor, is_readable_unit, normalise_unit_text, parse_quantity
 from .bundle import RawBundle, RawTable, read_bundle, read_document
 from .records import TABLES, PatientHeader
 
@@ -429,12 +429,7 @@ def _measurements(recs: list, header: PatientHeader, custom_obs: dict[str, Obser
             factor = _snap(conversion_factor(rec.unit, obs.unit, molar_mass=obs.molar_mass))
         except UnitError:
             examples = _compatible_units(obs)
-            try:
-                conversion_factor(rec.unit, rec.unit)
-                readable = True
-            except UnitError:
-                readable = False
-            if readable:
+            if is_readable_unit(rec.unit):
                 msg = f"unit '{rec.unit}' is not a unit of {obs.name} ({obs.description}): it cannot be converted to {_unit_text(obs.unit)}"
                 fix = f"check the unit, and that this value is really {obs.name}"
             else:
@@ -714,9 +709,7 @@ def _build(raw: RawBundle, path) -> tuple[Patient | None, ProblemList]:
     origin, mixed = _times_to_days(recs, header, raw.header_file, problems, files)
     custom_obs = {k.lower(): Observable(k, v.unit, v.description) for k, v in header.observables.items()}
     for k, v in custom_obs.items():
-        try:
-            conversion_factor(v.unit, v.unit)
-        except UnitError:
+        if not is_readable_unit(v.unit):
             problems.error(raw.header_file, f"observable '{k}' declares a unit twin cannot read", field=f"observables.{k}.unit", received=repr(v.unit), expected="a unit such as ng/mL, U/mL or mm3", fix="write a standard unit (µ as u, powers as mm3)")
     if not mixed:
         for name in ("measurements", "dosing"):
