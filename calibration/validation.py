@@ -1482,6 +1482,26 @@ def _merge_residual(work: Path, rows, pts, only):
     return rows, pts, man
 
 
+def pdx_pooled_stats(common, methods) -> dict:
+    """Pooled PDX metrics per method over the rows ``common`` (splits every method scored):
+    median |log error| and 90% coverage over all held-out volumes, mean CRPS of the splits,
+    mRECIST balanced accuracy; ``n_points_common``."""
+    s = {}
+    for m in methods:
+        col = f"{m}_abslogerr_list"
+        if col in common and len(common):
+            e = np.concatenate([json.loads(x) for x in common[col]])
+            h = np.concatenate([json.loads(x) for x in common[f"{m}_in90_list"]])
+            s[f"{m}_med_abslogerr"] = float(np.median(e))
+            s[f"{m}_cov90"] = float(np.mean(h))
+            s[f"{m}_crps_mean_of_splits"] = float(common[f"{m}_crps"].mean())
+            s["n_points_common"] = int(len(e))
+            cl = common[common["class_obs"] != "NA"]
+            if f"class_{m}" in cl:
+                s[f"{m}_balanced_accuracy"] = balanced_accuracy(cl["class_obs"], cl[f"class_{m}"].fillna("NA"))
+    return s
+
+
 def summarize(outdir, *, datasets=("bruchovsky", "pdxe", "pdxe_combo"), only=None, log=print, page="auto") -> dict:
     """Build the CSVs, figures, ``summary.json`` and the page from the per-split files.
 
@@ -1617,18 +1637,7 @@ def summarize(outdir, *, datasets=("bruchovsky", "pdxe", "pdxe_combo"), only=Non
             s = {"n_pdx": int(rows["pdx"].nunique()), "n_splits": int(len(rows)), "n_twin_failed": int((rows["status"] != "ok").sum())}
             common = rows.dropna(subset=[c for c in ("twin_abslogerr_list", "pop_abslogerr_list", "untr_abslogerr_list") if c in rows])
             s["n_splits_common"] = int(len(common))
-            for m in ("twin", "pop", "untr"):
-                col = f"{m}_abslogerr_list"
-                if col in common and len(common):
-                    e = np.concatenate([json.loads(x) for x in common[col]])
-                    h = np.concatenate([json.loads(x) for x in common[f"{m}_in90_list"]])
-                    s[f"{m}_med_abslogerr"] = float(np.median(e))
-                    s[f"{m}_cov90"] = float(np.mean(h))
-                    s[f"{m}_crps_mean_of_splits"] = float(common[f"{m}_crps"].mean())
-                    s["n_points_common"] = int(len(e))
-                    cl = common[common["class_obs"] != "NA"]
-                    if f"class_{m}" in cl:
-                        s[f"{m}_balanced_accuracy"] = balanced_accuracy(cl["class_obs"], cl[f"class_{m}"].fillna("NA"))
+            s.update(pdx_pooled_stats(common, ("twin", "pop", "untr")))
             base = [s.get(f"{m}_med_abslogerr", np.nan) for m in ("pop", "untr")]
             if "twin_med_abslogerr" in s and np.isfinite(np.nanmin(base)):
                 s["best_baseline"] = ("pop", "untr")[int(np.nanargmin(base))]

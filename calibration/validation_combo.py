@@ -42,7 +42,7 @@ from .validation import (
     _pdx_twin_diagnostics,
     _quiet,
     _vol_curve,
-    balanced_accuracy,
+    pdx_pooled_stats,
 )
 
 __all__ = ["COMBO_SETTINGS", "COMBO_QUICK_PDX", "pdxe_combo_candidates", "pdxe_combo_tasks", "pdxe_combo_split", "bliss_log_ratio",
@@ -268,18 +268,7 @@ def combo_summary(outdir: Path, res, *, log=print) -> dict:
     if not all(f"{m}_abslogerr_list" in rows for m in METHODS):
         common = common.iloc[:0]
     s["n_combos_common"] = int(len(common))
-    for m in METHODS:
-        col = f"{m}_abslogerr_list"
-        if col in common and len(common):
-            e = np.concatenate([json.loads(x) for x in common[col]])
-            h = np.concatenate([json.loads(x) for x in common[f"{m}_in90_list"]])
-            s[f"{m}_med_abslogerr"] = float(np.median(e))
-            s[f"{m}_cov90"] = float(np.mean(h))
-            s[f"{m}_crps_mean_of_splits"] = float(common[f"{m}_crps"].mean())
-            s["n_points_common"] = int(len(e))
-            cl = common[common["class_obs"] != "NA"]
-            if f"class_{m}" in cl:
-                s[f"{m}_balanced_accuracy"] = balanced_accuracy(cl["class_obs"], cl[f"class_{m}"].fillna("NA"))
+    s.update(pdx_pooled_stats(common, METHODS))
     base = [s.get(f"{m}_med_abslogerr", np.nan) for m in BASELINES]
     if "twin_med_abslogerr" in s and np.isfinite(np.nanmin(base)):
         s["best_baseline"] = BASELINES[int(np.nanargmin(base))]
