@@ -1425,7 +1425,25 @@ def run_validation(outdir="docs/validation", *, datasets=("bruchovsky", "pdxe", 
     runs.append({"started_utc": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t_start, 1), "command": command,
                  "options": options, "n_tasks": n_tasks, "n_run": n_run, "cpu_count": os.cpu_count(), **res_info})
     atomic_write_text(runs_path, json.dumps(runs, indent=1, default=str))
-    return summarize(outdir, datasets=datasets, only=done_keys, log=log, page=page)
+    # the page covers every data set: this run's selection for what it ran, the finished
+    # results already in the work folder for the others (a pdxe-only run keeps the prostate tables)
+    kinds = set(datasets) | ({"bruchovsky_res"} if residual and "bruchovsky" in datasets else set())
+    return summarize(outdir, datasets=ALL_DATASETS, only=_RunSelection(done_keys, kinds), log=log, page=page)
+
+
+#: the data sets of the validation (``--datasets``)
+ALL_DATASETS = ("bruchovsky", "pdxe", "pdxe_combo")
+
+
+class _RunSelection:
+    """``(kind, task name) in sel``: the task belongs to the run's selection ``keys`` when its
+    kind was run, and any finished task of a kind the run did not touch."""
+
+    def __init__(self, keys, kinds):
+        self.keys, self.kinds = set(keys), set(kinds)
+
+    def __contains__(self, item) -> bool:
+        return item[0] not in self.kinds or item in self.keys
 
 
 # ======================================================================================

@@ -203,3 +203,13 @@ def test_the_residual_is_trained_on_no_point_of_any_forecast_window(tmp_path):
     # a second call reuses the manifest (no training)
     again = train_bruchovsky_residual(work, pids, _fit=lambda *a, **k: pytest.fail("retrained"), log=lambda *a: None)
     assert again == man
+
+
+def test_run_selection_keeps_the_kinds_a_run_did_not_touch():
+    """A pdxe-only run's page keeps the prostate results: the run's selection restricts only
+    the kinds it ran."""
+    from calibration.validation import _RunSelection
+
+    sel = _RunSelection({("pdxe", "X-1__a")}, {"pdxe"})
+    assert ("pdxe", "X-1__a") in sel and ("pdxe", "X-2__a") not in sel
+    assert ("bruchovsky", "101_k2") in sel and ("bruchovsky_res", "101_k2") in sel and ("pdxe_combo", "X-9") in sel
