@@ -2268,18 +2268,21 @@ def discussion_markdown(summary: dict, outdir) -> str:
         if csv.exists():
             rows = pd.read_csv(csv)
             if {"twin_med_abslogerr", "pop_med_abslogerr", "untr_med_abslogerr"} <= set(rows):
-                g = rows.groupby("held_out")[["twin_med_abslogerr", "pop_med_abslogerr", "untr_med_abslogerr"]].median()
+                grp = rows.groupby("held_out")
+                g = grp[["twin_med_abslogerr", "pop_med_abslogerr", "untr_med_abslogerr"]].median()
+                g["n"] = grp.size()
                 g["best"] = g[["pop_med_abslogerr", "untr_med_abslogerr"]].min(axis=1)
                 g["ratio"] = g["twin_med_abslogerr"] / g["best"]
                 good = [d for d, r in g.iterrows() if r["ratio"] <= 1.1]
                 out.append(f"- By held-out drug the twin is within 10% of (or better than) the best baseline for {len(good)} of {len(g)} drugs"
                            + (f" ({', '.join(good)})" if good else "") + ".")
-                if len(g):
-                    wd = g["ratio"].idxmax()
+                big = g[g["n"] >= 3]  # the largest gap among drugs with >= 3 held-out arms (one arm is an anecdote)
+                if len(big):
+                    wd = big["ratio"].idxmax()
                     sub = rows[rows["held_out"] == wd]
                     shrink = int(sub["class_twin"].isin(["PR", "CR"]).sum()) if "class_twin" in sub else 0
                     obs = int(sub["class_obs"].isin(["PR", "CR"]).sum())
-                    out.append(f"- The largest gap is {wd} (twin {g.loc[wd, 'twin_med_abslogerr']:.3f} vs {g.loc[wd, 'best']:.3f}, {g.loc[wd, 'ratio']:.1f}x): "
+                    out.append(f"- The largest gap among drugs with at least 3 held-out arms is {wd} ({int(g.loc[wd, 'n'])} arms; twin {g.loc[wd, 'twin_med_abslogerr']:.3f} vs {g.loc[wd, 'best']:.3f}, {g.loc[wd, 'ratio']:.1f}x): "
                                f"the twin predicts PR/CR in {shrink} of its {len(sub)} arms, PR/CR was observed in {obs}.")
     from .validation_combo import combo_discussion_markdown
 
@@ -2299,8 +2302,9 @@ def _data_notes(summary: dict) -> str:
                        "otherwise `calibrate()` rejects the patient. The LV and LVCF baselines never use doses.")
         if b.get("patients_without_phases"):
             out.append(f"- Patients without on/off phases are not used: {', '.join(b['patients_without_phases'])}.")
-        out.append(f"- {b.get('n_test_censored', 0)} censored held-out PSA value(s) are excluded from the error metrics; PSA values at the assay "
-                   "floors are kept as values, as in the bundle.")
+        out.append(f"- {b.get('n_test_censored', 0)} censored held-out PSA value(s) are excluded from the error metrics (censored "
+                   "in the bundle: values below detection, and PSA written exactly at an assay reporting floor, decision D19); the "
+                   "calibration uses them as censored observations.")
     if p:
         out.append(f"- PDXE: {p.get('n_zero_volumes', 0)} held-out zero volumes are excluded from the error metrics but kept for mRECIST. Arms whose "
                    "drug has catalogue PK and potency but no standard dose are not used (PDXE records no amounts, and `calibrate()` rejects a PDX "
