@@ -2126,7 +2126,9 @@ def _timings(summary: dict) -> str:
     if r.get("n_splits_timed"):
         out.append(f"Cost of the neural residual, on the {r['n_splits_timed']} splits with both: calibration median {r['median_calibrate_s_without']:.1f} s without, "
                    f"{r['median_calibrate_s_with']:.1f} s with (median ratio {r['median_calibrate_s_ratio']:.2f}); forecast {r['median_forecast_s_without']:.1f} s "
-                   f"vs {r['median_forecast_s_with']:.1f} s (ratio {r['median_forecast_s_ratio']:.2f}); residual split median {r['median_wall_s_with']:.1f} s wall. "
+                   f"vs {r['median_forecast_s_with']:.1f} s (ratio {r['median_forecast_s_ratio']:.2f}); residual split median {r['median_wall_s_with']:.1f} s wall "
+                   "(the two variants' splits may come from different runs of section 1, under other machine load and code builds, so "
+                   "these ratios are indicative only; tests/benchmarks/ measures speed side by side). "
                    + "Training: " + "; ".join(f"group {g} {v['n_patients']} patients, {v['n_points']} PSA values, {v['epochs']} epochs, {v['train_s']:.0f} s "
                                               f"(training MSE of log PSA {v['loss_first']:.3f} without the residual, {v.get('loss_best', v['loss_last']):.3f} with the kept weights of epoch "
                                               f"{v.get('best_epoch', '–')}; RK4 step {_fmt(v.get('step_days'), 2)} d)" for g, v in (r.get("groups") or {}).items()) + ".")
