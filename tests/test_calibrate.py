@@ -54,7 +54,7 @@ def _fixed():
 
 # ----------------------------------------------------------------------------------------
 def test_engine_and_simulate_integrate_the_same_vector_field():
-    """The compiled engine and twin.simulate evaluate TwinModel.equations: same trajectories to 2e-9."""
+    """The compiled engine and twin.simulate evaluate TwinModel.equations: same trajectories to 1e-8."""
     from calibration.ode import arm_schedule, twin_ode
     from twin._xp import NUMPY
     from twin.datasets import load_patient_example
@@ -73,8 +73,9 @@ def test_engine_and_simulate_integrate_the_same_vector_field():
     res = simulate(m, {k: np.array([v]) for k, v in vals.items()}, {"main": Regimen(p.history.for_arm("main").table)}, obs, rtol=1e-12, atol=1e-14)
     Z = np.stack([res[s].values[0, 0] for s in m.state_names], -1)
     assert m.effect_delay and np.all(Y[1:, m.state_names.index("E_leuprolide")] > 0)  # the effect compartments are exercised
-    # E_<drug> start at exactly 0; the on/off rate switch is a kink each solver crosses in its own steps
-    np.testing.assert_allclose(Z, Y, rtol=2e-9, atol=1e-14)
+    # E_<drug> start at exactly 0; the on/off rate switch is a kink each solver crosses in its own
+    # steps, so at rtol 1e-12 the two agree to ~1e-8 there (6e-9 measured), not to rtol
+    np.testing.assert_allclose(Z, Y, rtol=1e-8, atol=1e-14)
 
 
 def test_log_density_equals_hand_computed_scipy_value(chemo_patient):
